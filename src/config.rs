@@ -1,0 +1,743 @@
+//! Configuration: command line (clap) + environment (`LINE_RETRY_PROXY_*`) + TOML file,
+//! parsed raw, then validated into one [`Config`]. A flag wins over the environment,
+//! which wins over the file, which wins over the default.
+//!
+//! Every value is validated here, once, by name: a bad one becomes a [`ConfigError`]
+//! whose one line names the option, and `main` exits 64 with it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use serde::Deserialize;
+
+use crate::pipeline::classify::Endpoint;
+use crate::retry::ExponentialBackoff;
+
+/// LINE keeps a retry key for 24 hours; a longer window would replay what LINE forgot.
+pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The serve options: each one is a flag, an environment variable, and a file key.
+/// Values stay strings here so that flag, env and file go through the same validation.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the options below (flags and env win over it)
+    #[arg(long, env = "LINE_RETRY_PROXY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Proxy listener for bots: HTTPS_PROXY, base-URL and plain-proxy traffic [default: 127.0.0.1:8080]
+    #[arg(long, env = "LINE_RETRY_PROXY_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listener: /healthz, /readyz, /metrics [default: 127.0.0.1:9090]
+    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Where base-URL and intercepted api.line.me traffic goes [default: https://api.line.me]
+    #[arg(long, env = "LINE_RETRY_PROXY_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Extra CA (PEM) trusted for the upstream, beside the webpki roots
+    #[arg(long, env = "LINE_RETRY_PROXY_UPSTREAM_CA", value_name = "PEM")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Directory of the intercept CA (ca.pem, ca.key) [default: ./ca]
+    #[arg(long, env = "LINE_RETRY_PROXY_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Answer store: memory [default: memory]
+    #[arg(long, env = "LINE_RETRY_PROXY_STORE", value_name = "memory|redis://…")]
+    pub store: Option<String>,
+    /// Time one upstream attempt may take [default: 10s]
+    #[arg(long, env = "LINE_RETRY_PROXY_ATTEMPT_TIMEOUT", value_name = "DUR")]
+    pub attempt_timeout: Option<String>,
+    /// Upstream attempts per request, the first included [default: 4]
+    #[arg(long, env = "LINE_RETRY_PROXY_MAX_ATTEMPTS", value_name = "N")]
+    pub max_attempts: Option<String>,
+    /// First backoff ceiling; doubles per retry, full jitter [default: 200ms]
+    #[arg(long, env = "LINE_RETRY_PROXY_RETRY_BASE_DELAY", value_name = "DUR")]
+    pub retry_base_delay: Option<String>,
+    /// Cap of one backoff delay [default: 5s]
+    #[arg(long, env = "LINE_RETRY_PROXY_RETRY_MAX_DELAY", value_name = "DUR")]
+    pub retry_max_delay: Option<String>,
+    /// Overall time for all attempts of one request [default: 45s]
+    #[arg(long, env = "LINE_RETRY_PROXY_REQUEST_DEADLINE", value_name = "DUR")]
+    pub request_deadline: Option<String>,
+    /// How long an identical request is answered from the store, at most 24h [default: 24h]
+    #[arg(long, env = "LINE_RETRY_PROXY_DEDUP_WINDOW", value_name = "DUR")]
+    pub dedup_window: Option<String>,
+    /// Log lines as text or json [default: text]
+    #[arg(long, env = "LINE_RETRY_PROXY_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<String>,
+    /// Largest request body on the keyed endpoints, in bytes [default: 2097152]
+    #[arg(long, env = "LINE_RETRY_PROXY_BODY_LIMIT", value_name = "BYTES")]
+    pub body_limit: Option<String>,
+    /// Memory bound of the answer store, in bytes [default: 268435456]
+    #[arg(long, env = "LINE_RETRY_PROXY_STORE_MAX_BYTES", value_name = "BYTES")]
+    pub store_max_bytes: Option<String>,
+    /// Retry LINE's temporary 429 (never the monthly-limit one), honouring Retry-After [default: false]
+    #[arg(long, env = "LINE_RETRY_PROXY_RETRY_ON_429", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub retry_on_429: Option<String>,
+    /// Retries allowed per first attempt, proxy-wide, to stop retry storms [default: 0.2]
+    #[arg(long, env = "LINE_RETRY_PROXY_RETRY_BUDGET_RATIO", value_name = "RATIO")]
+    pub retry_budget_ratio: Option<String>,
+    /// Retries always allowed per second, whatever the ratio [default: 10]
+    #[arg(long, env = "LINE_RETRY_PROXY_RETRY_BUDGET_MIN_PER_SECOND", value_name = "N")]
+    pub retry_budget_min_per_second: Option<String>,
+    /// Fingerprint JSON bodies in canonical form (key order and spacing ignored) [default: false]
+    #[arg(long, env = "LINE_RETRY_PROXY_CANONICAL_JSON", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub canonical_json: Option<String>,
+    /// Hosts whose CONNECT tunnels are intercepted, comma-separated [default: api.line.me]
+    #[arg(long, env = "LINE_RETRY_PROXY_INTERCEPT_HOSTS", value_name = "HOSTS")]
+    pub intercept_hosts: Option<String>,
+    /// Hosts (host or host:port) tunnelled untouched, comma-separated; `*` admits all [default: api-data.line.me]
+    #[arg(long, env = "LINE_RETRY_PROXY_TUNNEL_ALLOW", value_name = "HOSTS")]
+    pub tunnel_allow: Option<String>,
+    /// Require Proxy-Authorization: Basic for CONNECT and absolute-form requests (USER:PASSWORD)
+    #[arg(long, env = "LINE_RETRY_PROXY_PROXY_AUTH", value_name = "USER:PASSWORD", hide_env_values = true, value_parser = secret)]
+    pub proxy_auth: Option<Secret>,
+    /// Client connections served at once; more wait in the kernel backlog [default: 4096]
+    #[arg(long, env = "LINE_RETRY_PROXY_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<String>,
+    /// Time a client has to send a request head [default: 10s]
+    #[arg(long, env = "LINE_RETRY_PROXY_HEADER_TIMEOUT", value_name = "DUR")]
+    pub header_timeout: Option<String>,
+    /// Time a client has to finish a TLS handshake inside CONNECT [default: 10s]
+    #[arg(long, env = "LINE_RETRY_PROXY_HANDSHAKE_TIMEOUT", value_name = "DUR")]
+    pub handshake_timeout: Option<String>,
+    /// Time in-flight requests and their retries get to finish on SIGTERM [default: 30s]
+    #[arg(long, env = "LINE_RETRY_PROXY_SHUTDOWN_GRACE", value_name = "DUR")]
+    pub shutdown_grace: Option<String>,
+    /// Lifetime of intercept leaf certificates; renewed at a quarter left [default: 24h]
+    #[arg(long, env = "LINE_RETRY_PROXY_LEAF_LIFETIME", value_name = "DUR")]
+    pub leaf_lifetime: Option<String>,
+}
+
+/// The TOML file: the same names as the flags, in kebab-case, plus per-endpoint tables.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    upstream: Option<String>,
+    upstream_ca: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
+    store: Option<String>,
+    attempt_timeout: Option<String>,
+    max_attempts: Option<u32>,
+    retry_base_delay: Option<String>,
+    retry_max_delay: Option<String>,
+    request_deadline: Option<String>,
+    dedup_window: Option<String>,
+    log_format: Option<String>,
+    body_limit: Option<u64>,
+    store_max_bytes: Option<u64>,
+    retry_on_429: Option<bool>,
+    retry_budget_ratio: Option<f64>,
+    retry_budget_min_per_second: Option<u32>,
+    canonical_json: Option<bool>,
+    intercept_hosts: Option<Vec<String>>,
+    tunnel_allow: Option<Vec<String>>,
+    proxy_auth: Option<String>,
+    max_connections: Option<u32>,
+    header_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    leaf_lifetime: Option<String>,
+    #[serde(default)]
+    endpoints: BTreeMap<String, FileEndpoint>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileEndpoint {
+    dedup_window: Option<String>,
+    retry: Option<bool>,
+}
+
+/// One line naming the option and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError(message.into())
+    }
+
+    fn option(name: &str, value: &str, why: impl fmt::Display) -> Self {
+        ConfigError(format!("invalid value {value:?} for option `{name}`: {why}"))
+    }
+}
+
+/// A value that must never reach a log line, an error, or `check-config` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+}
+
+/// Where base-URL and intercepted traffic is forwarded.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl fmt::Display for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// How one request is retried. Reloadable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub attempt_timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff: ExponentialBackoff,
+    pub deadline: Duration,
+    pub retry_on_429: bool,
+    pub budget_ratio: f64,
+    pub budget_min_per_second: u32,
+}
+
+/// Per keyed endpoint: how long answers are replayed, and whether failures are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub dedup_window: Duration,
+    pub retry: bool,
+}
+
+/// Everything SIGHUP may change without dropping a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub retry: RetryPolicy,
+    pub endpoints: [EndpointPolicy; 4],
+    pub intercept_hosts: Vec<String>,
+    pub tunnel_allow: Vec<String>,
+}
+
+impl Policy {
+    pub fn endpoint(&self, endpoint: Endpoint) -> EndpointPolicy {
+        self.endpoints[endpoint.index()]
+    }
+
+    pub fn intercepts(&self, host: &str) -> bool {
+        self.intercept_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+    }
+
+    /// `*` admits every host; `host` admits any port; `host:port` admits that port only.
+    pub fn tunnel_allowed(&self, host: &str, port: u16) -> bool {
+        self.tunnel_allow.iter().any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            match entry.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
+                    h.trim_matches(['[', ']']).eq_ignore_ascii_case(host)
+                        && p.parse::<u16>() == Ok(port)
+                }
+                _ => entry.trim_matches(['[', ']']).eq_ignore_ascii_case(host),
+            }
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: UpstreamTarget,
+    pub upstream_ca: Option<PathBuf>,
+    pub ca_dir: PathBuf,
+    pub store: StoreKind,
+    pub log_format: LogFormat,
+    pub body_limit: usize,
+    pub store_max_bytes: u64,
+    pub canonical_json: bool,
+    pub proxy_auth: Option<Secret>,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub leaf_lifetime: Duration,
+    pub policy: Policy,
+    /// Kept so SIGHUP can read the file again and merge it under the same flags.
+    pub args: ServeArgs,
+}
+
+impl Config {
+    /// Merges flags/env (already in `args`, clap did that) over the file over defaults.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(args, file)
+    }
+
+    fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
+        let listen = addr("listen", pick(&args.listen, file.listen), "127.0.0.1:8080")?;
+        let admin_listen =
+            addr("admin-listen", pick(&args.admin_listen, file.admin_listen), "127.0.0.1:9090")?;
+        let upstream = upstream(pick(&args.upstream, file.upstream))?;
+        let dedup_window = window(
+            "dedup-window",
+            pick(&args.dedup_window, file.dedup_window),
+            MAX_DEDUP_WINDOW,
+        )?;
+        let base_delay = duration(
+            "retry-base-delay",
+            pick(&args.retry_base_delay, file.retry_base_delay),
+            Duration::from_millis(200),
+            Duration::ZERO..=Duration::from_secs(60),
+        )?;
+        let max_delay = duration(
+            "retry-max-delay",
+            pick(&args.retry_max_delay, file.retry_max_delay),
+            Duration::from_secs(5),
+            Duration::ZERO..=Duration::from_secs(600),
+        )?;
+        let backoff = ExponentialBackoff::try_new(base_delay, max_delay).map_err(|_| {
+            ConfigError::new(format!(
+                "option `retry-base-delay` ({}) must not exceed `retry-max-delay` ({})",
+                humantime::format_duration(base_delay),
+                humantime::format_duration(max_delay)
+            ))
+        })?;
+        let retry = RetryPolicy {
+            attempt_timeout: duration(
+                "attempt-timeout",
+                pick(&args.attempt_timeout, file.attempt_timeout),
+                Duration::from_secs(10),
+                Duration::from_millis(10)..=Duration::from_secs(600),
+            )?,
+            max_attempts: number(
+                "max-attempts",
+                pick(&args.max_attempts, file.max_attempts.map(|n| n.to_string())),
+                4,
+                1..=20,
+            )?,
+            backoff,
+            deadline: duration(
+                "request-deadline",
+                pick(&args.request_deadline, file.request_deadline),
+                Duration::from_secs(45),
+                Duration::from_millis(10)..=Duration::from_secs(3600),
+            )?,
+            retry_on_429: boolean(
+                "retry-on-429",
+                pick(&args.retry_on_429, file.retry_on_429.map(|b| b.to_string())),
+                false,
+            )?,
+            budget_ratio: ratio(
+                "retry-budget-ratio",
+                pick(&args.retry_budget_ratio, file.retry_budget_ratio.map(|r| r.to_string())),
+            )?,
+            budget_min_per_second: number(
+                "retry-budget-min-per-second",
+                pick(
+                    &args.retry_budget_min_per_second,
+                    file.retry_budget_min_per_second.map(|n| n.to_string()),
+                ),
+                10,
+                0..=1_000_000,
+            )?,
+        };
+
+        let mut endpoints = [EndpointPolicy { dedup_window, retry: true }; 4];
+        for (name, table) in file.endpoints {
+            let endpoint = Endpoint::from_name(&name).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "unknown endpoint `{name}` in [endpoints]: expected push, multicast, narrowcast or broadcast"
+                ))
+            })?;
+            let slot = &mut endpoints[endpoint.index()];
+            if let Some(w) = table.dedup_window {
+                slot.dedup_window =
+                    window(&format!("endpoints.{name}.dedup-window"), Some(w), dedup_window)?;
+            }
+            if let Some(r) = table.retry {
+                slot.retry = r;
+            }
+        }
+
+        let policy = Policy {
+            retry,
+            endpoints,
+            intercept_hosts: hosts(
+                "intercept-hosts",
+                list(&args.intercept_hosts, file.intercept_hosts),
+                &["api.line.me"],
+            )?,
+            tunnel_allow: hosts(
+                "tunnel-allow",
+                list(&args.tunnel_allow, file.tunnel_allow),
+                &["api-data.line.me"],
+            )?,
+        };
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            upstream,
+            upstream_ca: args.upstream_ca.clone().or(file.upstream_ca),
+            ca_dir: args.ca_dir.clone().or(file.ca_dir).unwrap_or_else(|| PathBuf::from("ca")),
+            store: store(pick(&args.store, file.store))?,
+            log_format: log_format(pick(&args.log_format, file.log_format))?,
+            body_limit: number(
+                "body-limit",
+                pick(&args.body_limit, file.body_limit.map(|n| n.to_string())),
+                2 * 1024 * 1024,
+                1..=64 * 1024 * 1024,
+            )?,
+            store_max_bytes: number(
+                "store-max-bytes",
+                pick(&args.store_max_bytes, file.store_max_bytes.map(|n| n.to_string())),
+                256 * 1024 * 1024,
+                1024 * 1024..=1 << 40,
+            )?,
+            canonical_json: boolean(
+                "canonical-json",
+                pick(&args.canonical_json, file.canonical_json.map(|b| b.to_string())),
+                false,
+            )?,
+            proxy_auth: proxy_auth(args.proxy_auth.clone().or(file.proxy_auth.map(Secret)))?,
+            max_connections: number(
+                "max-connections",
+                pick(&args.max_connections, file.max_connections.map(|n| n.to_string())),
+                4096,
+                1..=1_000_000,
+            )?,
+            header_timeout: duration(
+                "header-timeout",
+                pick(&args.header_timeout, file.header_timeout),
+                Duration::from_secs(10),
+                Duration::from_millis(10)..=Duration::from_secs(600),
+            )?,
+            handshake_timeout: duration(
+                "handshake-timeout",
+                pick(&args.handshake_timeout, file.handshake_timeout),
+                Duration::from_secs(10),
+                Duration::from_millis(10)..=Duration::from_secs(600),
+            )?,
+            shutdown_grace: duration(
+                "shutdown-grace",
+                pick(&args.shutdown_grace, file.shutdown_grace),
+                Duration::from_secs(30),
+                Duration::ZERO..=Duration::from_secs(3600),
+            )?,
+            leaf_lifetime: duration(
+                "leaf-lifetime",
+                pick(&args.leaf_lifetime, file.leaf_lifetime),
+                Duration::from_secs(24 * 3600),
+                Duration::from_secs(60)..=Duration::from_secs(90 * 24 * 3600),
+            )?,
+            policy,
+            args: args.clone(),
+        })
+    }
+
+    /// The effective settings, one `key = value` a line, secrets masked.
+    pub fn describe(&self) -> String {
+        let d = |d: Duration| format!("{:?}", humantime::format_duration(d).to_string());
+        let r = &self.policy.retry;
+        let mut out = String::new();
+        let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+        line("listen", format!("{:?}", self.listen.to_string()));
+        line("admin-listen", format!("{:?}", self.admin_listen.to_string()));
+        line("upstream", format!("{:?}", self.upstream.to_string()));
+        line(
+            "upstream-ca",
+            format!("{:?}", self.upstream_ca.as_deref().map(Path::display).map(|p| p.to_string()).unwrap_or_default()),
+        );
+        line("ca-dir", format!("{:?}", self.ca_dir.display().to_string()));
+        line("store", "\"memory\"".into());
+        line("attempt-timeout", d(r.attempt_timeout));
+        line("max-attempts", r.max_attempts.to_string());
+        line("retry-base-delay", d(r.backoff.base()));
+        line("retry-max-delay", d(r.backoff.cap()));
+        line("request-deadline", d(r.deadline));
+        line("retry-on-429", r.retry_on_429.to_string());
+        line("retry-budget-ratio", r.budget_ratio.to_string());
+        line("retry-budget-min-per-second", r.budget_min_per_second.to_string());
+        line("log-format", if self.log_format == LogFormat::Json { "\"json\"" } else { "\"text\"" }.into());
+        line("body-limit", self.body_limit.to_string());
+        line("store-max-bytes", self.store_max_bytes.to_string());
+        line("canonical-json", self.canonical_json.to_string());
+        line("intercept-hosts", format!("{:?}", self.policy.intercept_hosts));
+        line("tunnel-allow", format!("{:?}", self.policy.tunnel_allow));
+        line("proxy-auth", if self.proxy_auth.is_some() { "\"***\"" } else { "\"\"" }.into());
+        line("max-connections", self.max_connections.to_string());
+        line("header-timeout", d(self.header_timeout));
+        line("handshake-timeout", d(self.handshake_timeout));
+        line("shutdown-grace", d(self.shutdown_grace));
+        line("leaf-lifetime", d(self.leaf_lifetime));
+        for endpoint in Endpoint::ALL {
+            let p = self.policy.endpoint(endpoint);
+            out.push_str(&format!(
+                "\n[endpoints.{}]\ndedup-window = {}\nretry = {}\n",
+                endpoint.name(),
+                d(p.dedup_window),
+                p.retry
+            ));
+        }
+        out
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(format!("config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        // toml's message spans several lines with a source excerpt; one line is the contract.
+        let message = e.message().replace('\n', " ");
+        let place = e
+            .span()
+            .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+            .unwrap_or_default();
+        ConfigError::new(format!("config file {}{place}: {message}", path.display()))
+    })
+}
+
+fn pick(flag: &Option<String>, file: Option<String>) -> Option<String> {
+    flag.clone().or(file)
+}
+
+fn list(flag: &Option<String>, file: Option<Vec<String>>) -> Option<Vec<String>> {
+    match flag {
+        Some(csv) => Some(csv.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()),
+        None => file,
+    }
+}
+
+fn addr(name: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let value = value.unwrap_or_else(|| default.to_owned());
+    value
+        .parse()
+        .map_err(|_| ConfigError::option(name, &value, "expected IP:PORT, e.g. 127.0.0.1:8080"))
+}
+
+fn upstream(value: Option<String>) -> Result<UpstreamTarget, ConfigError> {
+    let value = value.unwrap_or_else(|| "https://api.line.me".to_owned());
+    let bad = |why: &str| ConfigError::option("upstream", &value, why);
+    let uri: http::Uri = value.parse().map_err(|_| bad("not a URL"))?;
+    let scheme = uri.scheme().cloned().ok_or_else(|| bad("expected https://HOST[:PORT]"))?;
+    if scheme != Scheme::HTTPS && scheme != Scheme::HTTP {
+        return Err(bad("the scheme must be https or http"));
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("must not have a path: requests keep their own path"));
+    }
+    Ok(UpstreamTarget { scheme, authority })
+}
+
+fn duration(
+    name: &str,
+    value: Option<String>,
+    default: Duration,
+    range: std::ops::RangeInclusive<Duration>,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    let parsed = humantime::parse_duration(value.trim())
+        .map_err(|e| ConfigError::option(name, &value, format!("{e} (use e.g. 250ms, 5s, 24h)")))?;
+    if !range.contains(&parsed) {
+        return Err(ConfigError::option(
+            name,
+            &value,
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(*range.start()),
+                humantime::format_duration(*range.end())
+            ),
+        ));
+    }
+    Ok(parsed)
+}
+
+fn window(name: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    duration(name, value, default, Duration::from_secs(1)..=MAX_DEDUP_WINDOW)
+}
+
+fn number<T>(
+    name: &str,
+    value: Option<String>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
+    let Some(value) = value else { return Ok(default) };
+    let parsed: T = value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::option(name, &value, "expected a whole number"))?;
+    if !range.contains(&parsed) {
+        return Err(ConfigError::option(
+            name,
+            &value,
+            format!("must be between {} and {}", range.start(), range.end()),
+        ));
+    }
+    Ok(parsed)
+}
+
+fn ratio(name: &str, value: Option<String>) -> Result<f64, ConfigError> {
+    let Some(value) = value else { return Ok(0.2) };
+    match value.trim().parse::<f64>() {
+        Ok(r) if (0.0..=100.0).contains(&r) => Ok(r),
+        _ => Err(ConfigError::option(name, &value, "expected a number from 0 to 100")),
+    }
+}
+
+fn boolean(name: &str, value: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    match value.trim() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::option(name, &value, "expected true or false")),
+    }
+}
+
+fn hosts(name: &str, value: Option<Vec<String>>, default: &[&str]) -> Result<Vec<String>, ConfigError> {
+    let Some(values) = value else { return Ok(default.iter().map(|s| s.to_string()).collect()) };
+    values
+        .into_iter()
+        .map(|host| {
+            let ok = host == "*"
+                || (!host.is_empty()
+                    && host.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c)));
+            if ok {
+                Ok(host.to_ascii_lowercase())
+            } else {
+                Err(ConfigError::option(name, &host, "expected a host name, host:port, or *"))
+            }
+        })
+        .collect()
+}
+
+fn store(value: Option<String>) -> Result<StoreKind, ConfigError> {
+    match value.as_deref() {
+        None | Some("memory") => Ok(StoreKind::Memory),
+        Some(v) if v.starts_with("redis://") || v.starts_with("rediss://") => Err(ConfigError::option(
+            "store",
+            "redis://…",
+            "the shared Redis store is not part of this build yet; use memory",
+        )),
+        Some(v) => Err(ConfigError::option("store", v, "expected memory")),
+    }
+}
+
+fn log_format(value: Option<String>) -> Result<LogFormat, ConfigError> {
+    match value.as_deref() {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(v) => Err(ConfigError::option("log-format", v, "expected text or json")),
+    }
+}
+
+fn secret(value: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret(value.to_owned()))
+}
+
+fn proxy_auth(value: Option<Secret>) -> Result<Option<Secret>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.0.split_once(':').is_some_and(|(user, _)| !user.is_empty()) => Ok(Some(v)),
+        // The value is a credential: the error must not repeat it.
+        Some(_) => Err(ConfigError::new("invalid value for option `proxy-auth`: expected USER:PASSWORD")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::new(e.to_string()))?;
+        Config::merge(&ServeArgs::default(), file)
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = Config::load(&ServeArgs::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.upstream.to_string(), "https://api.line.me");
+        assert_eq!(c.ca_dir, PathBuf::from("ca"));
+        assert_eq!(c.policy.endpoint(Endpoint::Push).dedup_window, MAX_DEDUP_WINDOW);
+        assert_eq!(c.body_limit, 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn flag_wins_over_file() {
+        let args = ServeArgs { max_attempts: Some("7".into()), ..Default::default() };
+        let parsed: FileConfig = toml::from_str("max-attempts = 2\nattempt-timeout = \"3s\"").unwrap();
+        let c = Config::merge(&args, parsed).unwrap();
+        assert_eq!(c.policy.retry.max_attempts, 7);
+        assert_eq!(c.policy.retry.attempt_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let err = file("attempt-timeout = \"5 parsecs\"").unwrap_err().to_string();
+        assert!(err.contains("`attempt-timeout`"), "{err}");
+        let err = file("dedup-window = \"48h\"").unwrap_err().to_string();
+        assert!(err.contains("`dedup-window`"), "{err}");
+        let err = file("[endpoints.reply]\nretry = false").unwrap_err().to_string();
+        assert!(err.contains("reply"), "{err}");
+        let err = file("upstream = \"https://api.line.me/v2\"").unwrap_err().to_string();
+        assert!(err.contains("`upstream`"), "{err}");
+        assert!(toml::from_str::<FileConfig>("colour = 1").is_err());
+    }
+
+    #[test]
+    fn per_endpoint_overrides() {
+        let c = file("dedup-window = \"2h\"\n[endpoints.narrowcast]\ndedup-window = \"10m\"\nretry = false").unwrap();
+        assert_eq!(c.policy.endpoint(Endpoint::Push).dedup_window, Duration::from_secs(7200));
+        let n = c.policy.endpoint(Endpoint::Narrowcast);
+        assert_eq!(n.dedup_window, Duration::from_secs(600));
+        assert!(!n.retry);
+    }
+
+    #[test]
+    fn proxy_auth_is_masked_everywhere() {
+        let c = file("proxy-auth = \"bot:hunter2\"").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!c.describe().contains("hunter2"));
+        let err = file("proxy-auth = \"hunter2\"").unwrap_err().to_string();
+        assert!(!err.contains("hunter2"));
+    }
+
+    #[test]
+    fn tunnel_allowlist_matching() {
+        let c = file("tunnel-allow = [\"api-data.line.me\", \"127.0.0.1:4443\"]").unwrap();
+        assert!(c.policy.tunnel_allowed("API-DATA.line.me", 443));
+        assert!(c.policy.tunnel_allowed("127.0.0.1", 4443));
+        assert!(!c.policy.tunnel_allowed("127.0.0.1", 4444));
+        assert!(!c.policy.tunnel_allowed("example.com", 443));
+        let open = file("tunnel-allow = [\"*\"]").unwrap();
+        assert!(open.policy.tunnel_allowed("example.com", 443));
+    }
+}

@@ -1,0 +1,134 @@
+//! `CONNECT host:port`: HTTPS_PROXY mode.
+//!
+//! - host in the intercept list: answer 200, terminate TLS with a leaf for the SNI
+//!   name issued by the proxy's CA, and serve the decrypted requests through the same
+//!   pipeline as base-URL mode (HTTP/1.1 or HTTP/2 by ALPN);
+//! - host in the tunnel allowlist: connect first (so an unreachable target is a clear
+//!   502, not a dead tunnel), answer 200, copy bytes both ways;
+//! - anything else: 403 with the reason. Not an open relay.
+//!
+//! Every tunnel task is tracked: shutdown drains intercepted connections request by
+//! request and closes opaque tunnels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::app::App;
+use crate::error::ProxyError;
+use crate::listener::{authorized, serve_connection, Front};
+use crate::pipeline::{full, respond, ProxyBody};
+
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    match open(&app, req, peer).await {
+        Ok(res) => res,
+        Err(err) => {
+            app.metrics.connect_refused();
+            tracing::info!(%peer, reason = err.reason(), "CONNECT refused: {err}");
+            respond::error_response(&err)
+        }
+    }
+}
+
+async fn open(app: &Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+    if !authorized(app, req.headers()) {
+        return Err(ProxyError::ProxyAuthRequired);
+    }
+    let authority = req.uri().authority().ok_or(ProxyError::BadRequest("CONNECT needs a host:port target"))?;
+    let host = authority.host().trim_matches(['[', ']']).to_ascii_lowercase();
+    let port = authority.port_u16().ok_or(ProxyError::BadRequest("CONNECT target has no port"))?;
+    let live = app.live();
+
+    if live.policy.intercepts(&host) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        let task_app = app.clone();
+        app.tasks.spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => intercept(task_app, upgraded, host, peer).await,
+                Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
+            }
+        });
+        return Ok(established());
+    }
+
+    if !live.policy.tunnel_allowed(&host, port) {
+        return Err(ProxyError::HostNotAllowed { host });
+    }
+    let connect_timeout = live.policy.retry.attempt_timeout;
+    let target = match timeout(connect_timeout, TcpStream::connect((host.as_str(), port))).await {
+        Ok(Ok(target)) => target,
+        Ok(Err(err)) => return Err(ProxyError::TunnelTarget { host, reason: err.kind().to_string() }),
+        Err(_) => return Err(ProxyError::TunnelTarget { host, reason: "connect timed out".into() }),
+    };
+    let _ = target.set_nodelay(true);
+    let upgrade = hyper::upgrade::on(&mut req);
+    let task_app = app.clone();
+    app.tasks.spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => tunnel(task_app, upgraded, target).await,
+            Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
+        }
+    });
+    Ok(established())
+}
+
+fn established() -> Response<ProxyBody> {
+    let mut res = Response::new(full(bytes::Bytes::new()));
+    *res.status_mut() = StatusCode::OK;
+    res
+}
+
+/// TLS with the bot, as `host` (or the SNI name, when that is intercepted too).
+async fn intercept(app: Arc<App>, upgraded: Upgraded, host: String, peer: SocketAddr) {
+    let counted = app.clone();
+    let _open = counted.metrics.tunnel();
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+    let handshake = async {
+        let start = acceptor.await?;
+        let sni = start.client_hello().server_name().map(str::to_ascii_lowercase);
+        let name = match sni {
+            Some(sni) if app.live().policy.intercepts(&sni) => sni,
+            _ => host,
+        };
+        let config = app.leaves.server_config(&name).map_err(std::io::Error::other)?;
+        start.into_stream(config).await
+    };
+    let tls = match timeout(app.config.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            app.metrics.tls_handshake(false);
+            tracing::info!(%peer, error = %err, "TLS handshake with client failed (is the proxy CA trusted?)");
+            return;
+        }
+        Err(_) => {
+            app.metrics.tls_handshake(false);
+            tracing::info!(%peer, "TLS handshake with client timed out");
+            return;
+        }
+    };
+    app.metrics.tls_handshake(true);
+    serve_connection(app, tls, Front::Intercepted { peer }).await;
+}
+
+/// Bytes both ways until either side closes, or shutdown.
+async fn tunnel(app: Arc<App>, upgraded: Upgraded, mut target: TcpStream) {
+    let _open = app.metrics.tunnel();
+    let mut client = TokioIo::new(upgraded);
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut target) => {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "tunnel ended with an error");
+            }
+        }
+        _ = app.shutdown.cancelled() => {
+            tracing::debug!("closing tunnel for shutdown");
+        }
+    }
+}

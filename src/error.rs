@@ -1,0 +1,195 @@
+//! The request path's one error type, and the one place it becomes an HTTP answer.
+//!
+//! Every error knows its *side* (who is at fault: the bot, the upstream, or the proxy
+//! itself) and whether a retry *by the bot* may help. The JSON body names a stable
+//! `reason` a program can match on and a `message` a person can read; neither ever
+//! carries a credential, a body, or an internal detail such as a file path.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+
+/// Who caused a failure: decides the status class and the log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// Why one upstream attempt failed. Each of these is retried with the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptFailure {
+    /// The TCP or TLS connection could not be established.
+    Connect,
+    /// The connection broke after the request may have left: LINE may have accepted it.
+    Reset,
+    /// No complete answer within the per-attempt timeout: LINE may have accepted it.
+    Timeout,
+    /// LINE answered 5xx: it may still have accepted the message.
+    ServerError,
+    /// LINE answered the temporary 429, and retrying 429 is configured.
+    RateLimited,
+}
+
+impl AttemptFailure {
+    /// The `reason` label of the retry metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            AttemptFailure::Connect => "connect",
+            AttemptFailure::Reset => "reset",
+            AttemptFailure::Timeout => "timeout",
+            AttemptFailure::ServerError => "status_5xx",
+            AttemptFailure::RateLimited => "status_429",
+        }
+    }
+
+    pub const ALL: [AttemptFailure; 5] = [
+        AttemptFailure::Connect,
+        AttemptFailure::Reset,
+        AttemptFailure::Timeout,
+        AttemptFailure::ServerError,
+        AttemptFailure::RateLimited,
+    ];
+}
+
+impl fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttemptFailure::Connect => "could not connect",
+            AttemptFailure::Reset => "connection reset before an answer",
+            AttemptFailure::Timeout => "attempt timed out",
+            AttemptFailure::ServerError => "server error",
+            AttemptFailure::RateLimited => "rate limited",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+
+    #[error("the request body could not be read from the client")]
+    ClientBody,
+
+    #[error("proxy authentication required")]
+    ProxyAuthRequired,
+
+    #[error("{host} is not in the tunnel allowlist of this proxy")]
+    HostNotAllowed { host: String },
+
+    #[error("upstream unreachable after {attempts} attempts: {last}")]
+    UpstreamUnreachable { attempts: u32, last: AttemptFailure },
+
+    #[error("could not reach {host}: {reason}")]
+    TunnelTarget { host: String, reason: String },
+
+    #[error("upstream failed while forwarding: {0}")]
+    Forward(AttemptFailure),
+
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::ClientBody
+            | ProxyError::ProxyAuthRequired
+            | ProxyError::HostNotAllowed { .. } => Side::Client,
+            ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::TunnelTarget { .. }
+            | ProxyError::Forward(_) => Side::Upstream,
+            ProxyError::ShuttingDown | ProxyError::Internal(_) => Side::Internal,
+        }
+    }
+
+    /// Whether the bot may succeed by sending the same request again. Upstream
+    /// failures qualify: a resend carries the same derived key, so it cannot duplicate.
+    pub fn retryable(&self) -> bool {
+        matches!(self.side(), Side::Upstream | Side::Internal)
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest(_) | ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ProxyError::UpstreamUnreachable { last, .. } | ProxyError::Forward(last) => {
+                if *last == AttemptFailure::Timeout {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                }
+            }
+            ProxyError::TunnelTarget { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable token for programs and for the `x-line-retry-proxy-error` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::ClientBody => "client_body",
+            ProxyError::ProxyAuthRequired => "proxy_auth_required",
+            ProxyError::HostNotAllowed { .. } => "host_not_allowed",
+            ProxyError::UpstreamUnreachable { last: AttemptFailure::Timeout, .. } => "upstream_timeout",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::TunnelTarget { .. } => "tunnel_target_unreachable",
+            ProxyError::Forward(_) => "upstream_forward_failed",
+            ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON body of the answer: LINE's own `message` field, plus our `reason`.
+    pub fn json_body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "message": format!("line-retry-proxy: {self}"),
+            "reason": self.reason(),
+            "retryable": self.retryable(),
+        });
+        Bytes::from(body.to_string())
+    }
+
+    pub fn reason_header(&self) -> HeaderValue {
+        HeaderValue::from_static(self.reason())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_body_names_reason_and_is_valid_json() {
+        let err = ProxyError::BodyTooLarge { limit: 10 };
+        let value: serde_json::Value = serde_json::from_slice(&err.json_body()).unwrap();
+        assert_eq!(value["reason"], "body_too_large");
+        assert_eq!(value["retryable"], false);
+        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn exhausted_timeouts_are_gateway_timeouts() {
+        let err = ProxyError::UpstreamUnreachable { attempts: 3, last: AttemptFailure::Timeout };
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+        let err = ProxyError::UpstreamUnreachable { attempts: 3, last: AttemptFailure::Reset };
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert!(err.retryable());
+    }
+}

@@ -1,0 +1,172 @@
+//! The one proxy port: accept loop, per-connection task, graceful drain, and the
+//! routing of each request by its form:
+//! - `CONNECT host:port` → [`crate::connect`] (intercept, tunnel, or refuse);
+//! - absolute-form `http://host/…` (a plain HTTP proxy client) → LINE's hosts go
+//!   through the pipeline, allowlisted hosts are forwarded, the rest refused;
+//! - origin-form `/v2/…` (base-URL mode) → the pipeline, to `--upstream`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::app::App;
+use crate::error::ProxyError;
+use crate::pipeline::{self, forward, respond, ProxyBody};
+use crate::store::BoxFuture;
+
+/// Where a connection came from: decides how its requests are routed.
+#[derive(Debug, Clone)]
+pub enum Front {
+    /// The proxy port itself.
+    Listener { peer: SocketAddr },
+    /// Decrypted from a CONNECT tunnel to an intercepted host: every request is for LINE.
+    Intercepted { peer: SocketAddr },
+}
+
+pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    let limit = Arc::new(Semaphore::new(app.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning on the error.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = app.config.max_connections, "connection limit reached, closing new connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_app = app.clone();
+        app.tasks.spawn(async move {
+            serve_connection(conn_app, stream, Front::Listener { peer }).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes, or until shutdown
+/// asks it to finish the requests it has and close.
+///
+/// Boxed because it is recursive through CONNECT: a connection's request may open
+/// an intercepted tunnel, which serves a connection of its own.
+pub fn serve_connection<I>(app: Arc<App>, io: I, front: Front) -> BoxFuture<'static, ()>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(serve_connection_inner(app, io, front))
+}
+
+async fn serve_connection_inner<I>(app: Arc<App>, io: I, front: Front)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let _open = app.metrics.connection();
+    let service_app = app.clone();
+    let service = service_fn(move |req| {
+        let app = service_app.clone();
+        let front = front.clone();
+        async move { Ok::<_, Infallible>(route(app, req, front).await) }
+    });
+    let conn = app.http.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = app.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        // Clients vanish mid-request all the time; not worth more than debug.
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
+}
+
+async fn route(app: Arc<App>, req: Request<Incoming>, front: Front) -> Response<ProxyBody> {
+    match front {
+        Front::Intercepted { .. } => pipeline::handle(app, req).await,
+        Front::Listener { peer } => {
+            if req.method() == Method::CONNECT {
+                crate::connect::handle(app, req, peer).await
+            } else if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
+                absolute_form(app, req).await
+            } else {
+                pipeline::handle(app, req).await
+            }
+        }
+    }
+}
+
+/// A plain HTTP proxy request: `POST http://api.line.me/v2/bot/message/push`.
+async fn absolute_form(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if !authorized(&app, req.headers()) {
+        return respond::error_response(&ProxyError::ProxyAuthRequired);
+    }
+    let Some(host) = req.uri().host().map(str::to_ascii_lowercase) else {
+        return respond::error_response(&ProxyError::BadRequest("absolute-form target without a host"));
+    };
+    let port = req.uri().port_u16().unwrap_or(if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) { 443 } else { 80 });
+    let live = app.live();
+    if live.policy.intercepts(&host) {
+        return pipeline::handle(app, req).await;
+    }
+    if !live.policy.tunnel_allowed(&host, port) {
+        app.metrics.connect_refused();
+        return respond::error_response(&ProxyError::HostNotAllowed { host });
+    }
+    let (mut parts, body) = req.into_parts();
+    let uri = parts.uri.clone();
+    match forward::forward(&app, &mut parts, body, uri).await {
+        Ok(res) => res,
+        Err(err) => respond::error_response(&err),
+    }
+}
+
+/// Checks `Proxy-Authorization: Basic` when the proxy requires it.
+pub fn authorized(app: &App, headers: &http::HeaderMap) -> bool {
+    let Some(expected) = &app.config.proxy_auth else { return true };
+    let Some(given) = headers.get(http::header::PROXY_AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some((scheme, encoded)) = given.trim().split_once(' ') else { return false };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return false;
+    }
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+        return false;
+    };
+    constant_time_eq(&decoded, expected.expose().as_bytes())
+}
+
+/// Compares without an early exit, so the time taken does not reveal a prefix match.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"bot:pw", b"bot:pw"));
+        assert!(!constant_time_eq(b"bot:pw", b"bot:px"));
+        assert!(!constant_time_eq(b"bot:p", b"bot:pw"));
+    }
+}

@@ -1,0 +1,153 @@
+//! The binary: parse the command line, load the config, start logging, run.
+//! Bad configuration is one line on stderr and exit code 64 (EX_USAGE).
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use line_retry_proxy::app::{self, App, StartError};
+use line_retry_proxy::config::{Config, ServeArgs};
+use line_retry_proxy::telemetry;
+use line_retry_proxy::tls::ca::CertificateAuthority;
+
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "line-retry-proxy", version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default)
+    Serve(ServeArgs),
+    /// Print the intercept CA certificate (PEM) for bots to trust, creating it if absent
+    Ca {
+        #[arg(long, env = "LINE_RETRY_PROXY_CA_DIR", value_name = "DIR", default_value = "ca")]
+        ca_dir: PathBuf,
+    },
+    /// Validate the configuration and print the effective settings (secrets masked)
+    CheckConfig(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let first = err.to_string();
+            let first = first.lines().next().unwrap_or("invalid command line");
+            eprintln!("line-retry-proxy: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Ca { ca_dir }) => match CertificateAuthority::load_or_create(&ca_dir) {
+            Ok(ca) => {
+                print!("{}", ca.cert_pem());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(EX_USAGE, format_args!("intercept CA: {err}")),
+        },
+        Some(Command::CheckConfig(args)) => match Config::load(&args) {
+            Ok(config) => {
+                print!("{}", config.describe());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(EX_USAGE, err),
+        },
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("line-retry-proxy: {message}");
+    ExitCode::from(code)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match Config::load(&args) {
+        Ok(config) => config,
+        Err(err) => return fail(EX_USAGE, err),
+    };
+    telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(1, format_args!("cannot start the runtime: {err}")),
+    };
+    runtime.block_on(async move {
+        let app = match App::new(config) {
+            Ok(app) => app,
+            Err(err) => return fail(EX_USAGE, err),
+        };
+        let (listener, admin) = match app::bind(&app.config).await {
+            Ok(bound) => bound,
+            Err(err @ StartError::Bind { .. }) => return fail(1, err),
+            Err(err) => return fail(EX_USAGE, err),
+        };
+        tracing::info!(
+            listen = %app.config.listen,
+            admin = %app.config.admin_listen,
+            upstream = %app.config.upstream,
+            ca_dir = %app.config.ca_dir.display(),
+            "line-retry-proxy ready"
+        );
+        tokio::spawn(reload_on_sighup(app.clone()));
+        app::run(app, listener, admin, shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// SIGHUP re-reads the file (flags and env stay as given) and swaps in what can
+/// change safely: retry policy, windows, per-endpoint switches, host lists.
+async fn reload_on_sighup(app: Arc<App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        match Config::load(&app.config.args) {
+            Ok(next) => {
+                let restart_needed = next.listen != app.config.listen
+                    || next.admin_listen != app.config.admin_listen
+                    || next.upstream.to_string() != app.config.upstream.to_string()
+                    || next.ca_dir != app.config.ca_dir
+                    || next.store != app.config.store
+                    || next.canonical_json != app.config.canonical_json
+                    || next.body_limit != app.config.body_limit
+                    || next.proxy_auth != app.config.proxy_auth;
+                app.reload(next.policy);
+                tracing::info!("configuration reloaded: retry policy, windows and host lists");
+                if restart_needed {
+                    tracing::warn!("some changed settings (listeners, upstream, store, CA, body limit, auth, canonical-json) take effect only after a restart");
+                }
+            }
+            Err(err) => tracing::error!("reload failed, keeping the current settings: {err}"),
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Prometheus metrics: plain atomics indexed by small enums, so the hot path never
+//! takes a lock or hashes a label set. Rendered to the text format on scrape.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::error::AttemptFailure;
+use crate::pipeline::classify::Endpoint;
+use crate::pipeline::respond::Outcome;
+use crate::store::StoreStats;
+
+/// The four keyed endpoints, then everything else.
+const ENDPOINT_LABELS: [&str; 5] = ["push", "multicast", "narrowcast", "broadcast", "other"];
+const OTHER: usize = 4;
+const BUCKETS: [f64; 13] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+fn endpoint_index(endpoint: Option<Endpoint>) -> usize {
+    endpoint.map_or(OTHER, Endpoint::index)
+}
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += count.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Every counter the proxy keeps. One instance per running proxy, no globals.
+#[derive(Default)]
+pub struct Metrics {
+    requests: [[AtomicU64; Outcome::ALL.len()]; 5],
+    upstream_attempts: [AtomicU64; 5],
+    retries: [AtomicU64; AttemptFailure::ALL.len()],
+    retry_budget_exhausted: AtomicU64,
+    keys_injected: [AtomicU64; 4],
+    client_keys: [AtomicU64; 4],
+    stray_keys_removed: AtomicU64,
+    upstream_latency: [Histogram; 5],
+    store_errors: AtomicU64,
+    in_flight: AtomicI64,
+    connections_open: AtomicI64,
+    connections_total: AtomicU64,
+    tls_handshakes: AtomicU64,
+    tls_handshake_failures: AtomicU64,
+    tunnels_open: AtomicI64,
+    tunnels_total: AtomicU64,
+    connect_refused: AtomicU64,
+}
+
+/// Decrements its gauge when dropped, so an early return or a panic cannot leak a count.
+pub struct GaugeGuard<'a>(&'a AtomicI64);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, endpoint: Option<Endpoint>, outcome: Outcome) {
+        self.requests[endpoint_index(endpoint)][outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn attempt(&self, endpoint: Option<Endpoint>, latency: Duration) {
+        let i = endpoint_index(endpoint);
+        self.upstream_attempts[i].fetch_add(1, Relaxed);
+        self.upstream_latency[i].observe(latency);
+    }
+
+    pub fn retry(&self, reason: AttemptFailure) {
+        self.retries[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn retry_budget_exhausted(&self) {
+        self.retry_budget_exhausted.fetch_add(1, Relaxed);
+    }
+
+    pub fn key_injected(&self, endpoint: Endpoint) {
+        self.keys_injected[endpoint.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn client_key(&self, endpoint: Endpoint) {
+        self.client_keys[endpoint.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn stray_key_removed(&self) {
+        self.stray_keys_removed.fetch_add(1, Relaxed);
+    }
+
+    pub fn store_error(&self) {
+        self.store_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn tls_handshake(&self, ok: bool) {
+        self.tls_handshakes.fetch_add(1, Relaxed);
+        if !ok {
+            self.tls_handshake_failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn connect_refused(&self) {
+        self.connect_refused.fetch_add(1, Relaxed);
+    }
+
+    fn gauge<'a>(&'a self, gauge: &'a AtomicI64) -> GaugeGuard<'a> {
+        gauge.fetch_add(1, Relaxed);
+        GaugeGuard(gauge)
+    }
+
+    pub fn in_flight(&self) -> GaugeGuard<'_> {
+        self.gauge(&self.in_flight)
+    }
+
+    pub fn connection(&self) -> GaugeGuard<'_> {
+        self.connections_total.fetch_add(1, Relaxed);
+        self.gauge(&self.connections_open)
+    }
+
+    pub fn tunnel(&self) -> GaugeGuard<'_> {
+        self.tunnels_total.fetch_add(1, Relaxed);
+        self.gauge(&self.tunnels_open)
+    }
+
+    pub fn in_flight_now(&self) -> i64 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, store: StoreStats, leaf_certificates: u64) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let o = &mut out;
+
+        header(o, "line_retry_proxy_requests_total", "counter", "Requests answered, by endpoint and outcome.");
+        for (e, row) in ENDPOINT_LABELS.iter().zip(&self.requests) {
+            for (outcome, n) in Outcome::ALL.iter().zip(row) {
+                let _ = writeln!(
+                    o,
+                    "line_retry_proxy_requests_total{{endpoint=\"{e}\",outcome=\"{}\"}} {}",
+                    outcome.label(),
+                    n.load(Relaxed)
+                );
+            }
+        }
+        header(o, "line_retry_proxy_upstream_attempts_total", "counter", "Requests sent to the upstream, retries included.");
+        per_endpoint(o, "line_retry_proxy_upstream_attempts_total", &self.upstream_attempts);
+        header(o, "line_retry_proxy_retries_total", "counter", "Upstream attempts repeated, by the reason the previous one failed.");
+        for (reason, n) in AttemptFailure::ALL.iter().zip(&self.retries) {
+            let _ = writeln!(o, "line_retry_proxy_retries_total{{reason=\"{}\"}} {}", reason.label(), n.load(Relaxed));
+        }
+        counter(o, "line_retry_proxy_retry_budget_exhausted_total", "Retries not made because the proxy-wide retry budget was spent.", &self.retry_budget_exhausted);
+        header(o, "line_retry_proxy_keys_injected_total", "counter", "Requests sent with a retry key derived by the proxy.");
+        per_endpoint(o, "line_retry_proxy_keys_injected_total", &self.keys_injected);
+        header(o, "line_retry_proxy_client_keys_total", "counter", "Requests that brought their own retry key, forwarded unchanged.");
+        per_endpoint(o, "line_retry_proxy_client_keys_total", &self.client_keys);
+        counter(o, "line_retry_proxy_stray_keys_removed_total", "Retry keys removed from endpoints that reject them.", &self.stray_keys_removed);
+        header(o, "line_retry_proxy_upstream_latency_seconds", "histogram", "Time of one upstream attempt until its answer head (keyed: whole answer).");
+        for (e, h) in ENDPOINT_LABELS.iter().zip(&self.upstream_latency) {
+            h.render(o, "line_retry_proxy_upstream_latency_seconds", &format!("endpoint=\"{e}\""));
+        }
+        gauge(o, "line_retry_proxy_store_entries", "Answers and claims held by the store.", store.entries as i64);
+        gauge(o, "line_retry_proxy_store_bytes", "Bytes held by the store, as weighed for its bound.", store.bytes as i64);
+        counter(o, "line_retry_proxy_store_errors_total", "Store operations that failed; the request was sent without the store.", &self.store_errors);
+        gauge(o, "line_retry_proxy_in_flight_requests", "Requests being handled now.", self.in_flight.load(Relaxed));
+        gauge(o, "line_retry_proxy_connections_open", "Client connections open now.", self.connections_open.load(Relaxed));
+        counter(o, "line_retry_proxy_connections_total", "Client connections accepted.", &self.connections_total);
+        counter(o, "line_retry_proxy_tls_handshakes_total", "TLS handshakes with bots inside CONNECT, successful or not.", &self.tls_handshakes);
+        counter(o, "line_retry_proxy_tls_handshake_failures_total", "TLS handshakes with bots that failed or timed out.", &self.tls_handshake_failures);
+        gauge(o, "line_retry_proxy_tunnels_open", "CONNECT tunnels open now (intercepted or byte-for-byte).", self.tunnels_open.load(Relaxed));
+        counter(o, "line_retry_proxy_tunnels_total", "CONNECT tunnels opened.", &self.tunnels_total);
+        counter(o, "line_retry_proxy_connect_refused_total", "CONNECT requests refused (host not allowed, auth, target unreachable).", &self.connect_refused);
+        gauge(o, "line_retry_proxy_leaf_certificates", "Intercept leaf certificates cached.", leaf_certificates as i64);
+        out
+    }
+}
+
+fn header(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn counter(o: &mut String, name: &str, help: &str, value: &AtomicU64) {
+    header(o, name, "counter", help);
+    let _ = writeln!(o, "{name} {}", value.load(Relaxed));
+}
+
+fn gauge(o: &mut String, name: &str, help: &str, value: i64) {
+    header(o, name, "gauge", help);
+    let _ = writeln!(o, "{name} {value}");
+}
+
+fn per_endpoint(o: &mut String, name: &str, values: &[AtomicU64]) {
+    for (e, n) in ENDPOINT_LABELS.iter().zip(values) {
+        let _ = writeln!(o, "{name}{{endpoint=\"{e}\"}} {}", n.load(Relaxed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.request(Some(Endpoint::Push), Outcome::Replayed);
+        m.attempt(Some(Endpoint::Push), Duration::from_millis(30));
+        m.attempt(Some(Endpoint::Push), Duration::from_millis(3));
+        m.retry(AttemptFailure::Timeout);
+        {
+            let _g = m.in_flight();
+            assert_eq!(m.in_flight_now(), 1);
+        }
+        let text = m.render(StoreStats { entries: 2, bytes: 300 }, 1);
+        assert!(text.contains("line_retry_proxy_requests_total{endpoint=\"push\",outcome=\"replayed\"} 1"));
+        assert!(text.contains("line_retry_proxy_retries_total{reason=\"timeout\"} 1"));
+        assert!(text.contains("line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.005\"} 1"));
+        assert!(text.contains("line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.05\"} 2"));
+        assert!(text.contains("line_retry_proxy_store_bytes 300"));
+        assert!(text.contains("line_retry_proxy_in_flight_requests 0"));
+    }
+}

@@ -1,0 +1,169 @@
+//! Phase 7, settle: turn LINE's last answer into what the bot gets and what is kept.
+//!
+//! The one translation: a 409 for a key *this proxy derived* means an earlier attempt
+//! (this process, another replica, or before a restart) was accepted, so the bot gets
+//! the endpoint's success, with `x-line-request-id` set to the accepted request's id.
+//! A bot's own key keeps its 409: the bot asked for LINE's semantics.
+//! Kept for replay: accepted outcomes only. Exhausted 5xx and transport failures are
+//! not kept: a later resend retries under the same key, which is safe.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use super::classify::Endpoint;
+use super::key::RetryKey;
+use super::respond::{error_parts, Outcome};
+use super::send::Sent;
+use crate::error::ProxyError;
+use crate::store::Answer;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-line-request-id");
+pub const ACCEPTED_REQUEST_ID: HeaderName = HeaderName::from_static("x-line-accepted-request-id");
+
+/// LINE's headers worth keeping with an answer; everything else is per-connection.
+const KEPT_HEADERS: [HeaderName; 4] =
+    [CONTENT_TYPE, REQUEST_ID, ACCEPTED_REQUEST_ID, http::header::RETRY_AFTER];
+
+pub struct Settled {
+    pub answer: Arc<Answer>,
+    /// Whether the answer may be replayed to an identical request.
+    pub keep: bool,
+}
+
+pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>) -> Settled {
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(err) => {
+            let (status, headers, body) = error_parts(&err);
+            let answer = Answer { status, headers, body, key, outcome: Outcome::Error, attempts: attempts_of(&err), upstream_status: None };
+            return Settled { answer: Arc::new(answer), keep: false };
+        }
+    };
+    let upstream_status = Some(sent.status);
+
+    if sent.status == StatusCode::CONFLICT && key.is_derived() {
+        if let Some(accepted) = sent.headers.get(&ACCEPTED_REQUEST_ID) {
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(REQUEST_ID, accepted.clone());
+            let answer = Answer {
+                status: endpoint.success_status(),
+                headers,
+                body: success_body(endpoint, &sent.body),
+                key,
+                outcome: Outcome::ConflictResolved,
+                attempts: sent.attempts,
+                upstream_status,
+            };
+            return Settled { answer: Arc::new(answer), keep: true };
+        }
+    }
+
+    let keep = sent.status.is_success();
+    let outcome = if sent.status.is_server_error() { Outcome::Error } else { Outcome::Fresh };
+    let answer = Answer {
+        status: sent.status,
+        headers: kept_headers(&sent.headers),
+        body: sent.body,
+        key,
+        outcome,
+        attempts: sent.attempts,
+        upstream_status,
+    };
+    Settled { answer: Arc::new(answer), keep }
+}
+
+fn attempts_of(err: &ProxyError) -> u32 {
+    match err {
+        ProxyError::UpstreamUnreachable { attempts, .. } => *attempts,
+        _ => 0,
+    }
+}
+
+fn kept_headers(from: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
+    for name in KEPT_HEADERS {
+        if let Some(v) = from.get(&name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    headers
+}
+
+/// Push's success carries the accepted request's `sentMessages`, which LINE repeats
+/// in the 409; the other endpoints answer `{}`.
+fn success_body(endpoint: Endpoint, conflict_body: &[u8]) -> Bytes {
+    if endpoint != Endpoint::Push {
+        return Endpoint::empty_success_body();
+    }
+    let sent_messages = serde_json::from_slice::<serde_json::Value>(conflict_body)
+        .ok()
+        .and_then(|mut v| v.get_mut("sentMessages").map(serde_json::Value::take))
+        .unwrap_or_else(|| serde_json::Value::Array(Vec::new()));
+    Bytes::from(serde_json::json!({ "sentMessages": sent_messages }).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::AttemptFailure;
+
+    fn conflict(body: &'static str) -> Sent {
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID, "new-id".parse().unwrap());
+        headers.insert(ACCEPTED_REQUEST_ID, "first-id".parse().unwrap());
+        Sent { status: StatusCode::CONFLICT, headers, body: Bytes::from_static(body.as_bytes()), attempts: 2 }
+    }
+
+    fn derived() -> RetryKey {
+        RetryKey::Derived(uuid::Uuid::nil())
+    }
+
+    #[test]
+    fn conflict_on_derived_push_becomes_success_with_sent_messages() {
+        let s = settle(
+            Endpoint::Push,
+            derived(),
+            Ok(conflict(r#"{"message":"The retry key is already accepted","sentMessages":[{"id":"1","quoteToken":"q"}]}"#)),
+        );
+        assert!(s.keep);
+        assert_eq!(s.answer.status, StatusCode::OK);
+        assert_eq!(s.answer.outcome, Outcome::ConflictResolved);
+        assert_eq!(s.answer.headers[REQUEST_ID], "first-id");
+        let body: serde_json::Value = serde_json::from_slice(&s.answer.body).unwrap();
+        assert_eq!(body, serde_json::json!({"sentMessages":[{"id":"1","quoteToken":"q"}]}));
+    }
+
+    #[test]
+    fn conflict_on_narrowcast_becomes_202() {
+        let s = settle(Endpoint::Narrowcast, derived(), Ok(conflict(r#"{"message":"x"}"#)));
+        assert_eq!(s.answer.status, StatusCode::ACCEPTED);
+        assert_eq!(s.answer.body, "{}");
+    }
+
+    #[test]
+    fn conflict_on_a_client_key_is_left_alone() {
+        let key = RetryKey::Client(HeaderValue::from_static("123e4567-e89b-12d3-a456-426614174000"));
+        let s = settle(Endpoint::Push, key, Ok(conflict("{}")));
+        assert_eq!(s.answer.status, StatusCode::CONFLICT);
+        assert!(!s.keep);
+    }
+
+    #[test]
+    fn only_accepted_answers_are_kept() {
+        let ok = Sent { status: StatusCode::OK, headers: HeaderMap::new(), body: Bytes::new(), attempts: 1 };
+        assert!(settle(Endpoint::Broadcast, derived(), Ok(ok)).keep);
+        let bad = Sent { status: StatusCode::BAD_GATEWAY, headers: HeaderMap::new(), body: Bytes::new(), attempts: 3 };
+        let s = settle(Endpoint::Broadcast, derived(), Ok(bad));
+        assert!(!s.keep);
+        assert_eq!(s.answer.outcome, Outcome::Error);
+        let err = ProxyError::UpstreamUnreachable { attempts: 4, last: AttemptFailure::Timeout };
+        let s = settle(Endpoint::Broadcast, derived(), Err(err));
+        assert!(!s.keep);
+        assert_eq!(s.answer.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(s.answer.attempts, 4);
+    }
+}

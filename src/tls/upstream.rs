@@ -1,0 +1,102 @@
+//! The upstream client: one pooled hyper client, TLS config built once, HTTP/2 or
+//! HTTP/1.1 by ALPN. Certificates are always verified: webpki roots, plus the
+//! operator's `--upstream-ca` (tests point it at their own CA).
+
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+
+use crate::config::UpstreamTarget;
+use crate::pipeline::ProxyBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream CA file {path}: {reason}")]
+    Ca { path: String, reason: String },
+    #[error("upstream TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    target: UpstreamTarget,
+}
+
+impl Upstream {
+    pub fn new(target: UpstreamTarget, extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<Self, UpstreamError> {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = extra_ca {
+            add_pem_roots(&mut roots, path)?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Ok(Upstream { client, target })
+    }
+
+    /// The upstream URI for a request's own path and query.
+    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        build_uri(self.target.scheme.clone(), self.target.authority.clone(), path_and_query)
+    }
+
+    pub fn target(&self) -> &UpstreamTarget {
+        &self.target
+    }
+
+    pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(req).await
+    }
+}
+
+pub fn build_uri(scheme: Scheme, authority: http::uri::Authority, path_and_query: Option<&PathAndQuery>) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    // Scheme, authority and path all came from parsed values, so the parts are valid.
+    Uri::from_parts(parts).unwrap_or_default()
+}
+
+fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), UpstreamError> {
+    let err = |reason: String| UpstreamError::Ca { path: path.display().to_string(), reason };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut added = 0;
+    for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
+        let cert = cert.map_err(|e| err(e.to_string()))?;
+        roots.add(cert).map_err(|e| err(e.to_string()))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(err("no PEM certificate in it".into()));
+    }
+    Ok(())
+}
