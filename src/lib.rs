@@ -18,11 +18,13 @@
 //! - [`store`]: the answer store interface and its in-memory implementation.
 //! - [`tls`]: intercept CA and leaves; the upstream client.
 //! - [`admin`], [`metrics`], [`telemetry`]: health, Prometheus metrics, logs.
+//! - [`admin_client`]: the `healthcheck` and `stats` subcommands' side of the admin port.
 //! - [`error`]: the request path's error type: side, retryability, HTTP answer.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod config;
 pub mod connect;

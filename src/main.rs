@@ -6,8 +6,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use line_retry_proxy::admin_client;
 use line_retry_proxy::app::{self, App, StartError};
 use line_retry_proxy::config::{Config, ServeArgs};
 use line_retry_proxy::telemetry;
@@ -35,6 +37,17 @@ enum Command {
     },
     /// Validate the configuration and print the effective settings (secrets masked)
     CheckConfig(ServeArgs),
+    /// Exit 0 if the proxy on the admin address is ready (for container health checks)
+    Healthcheck(AdminArgs),
+    /// Print a table of the running proxy's metrics
+    Stats(AdminArgs),
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The proxy's admin listener
+    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    admin_listen: std::net::SocketAddr,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +81,19 @@ fn main() -> ExitCode {
             }
             Err(err) => fail(EX_USAGE, err),
         },
+        Some(Command::Healthcheck(args)) => {
+            match admin_client::get(args.admin_listen, "/readyz", Duration::from_secs(3)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(err) => fail(1, err),
+            }
+        }
+        Some(Command::Stats(args)) => match admin_client::get(args.admin_listen, "/metrics", Duration::from_secs(5)) {
+            Ok(metrics) => {
+                print!("{}", admin_client::stats_table(&metrics));
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(1, err),
+        },
     }
 }
 
@@ -96,9 +122,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             Err(err @ StartError::Bind { .. }) => return fail(1, err),
             Err(err) => return fail(EX_USAGE, err),
         };
+        let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
-            listen = %app.config.listen,
-            admin = %app.config.admin_listen,
+            listen = %addr(&listener),
+            admin = %addr(&admin),
             upstream = %app.config.upstream,
             ca_dir = %app.config.ca_dir.display(),
             "line-retry-proxy ready"

@@ -1,0 +1,191 @@
+//! The binary as an operator runs it: the command-line contract, exit codes,
+//! precedence of flag over env over file, the CA subcommand, and a real process
+//! serving, logging without secrets, and stopping cleanly on SIGTERM.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use support::mock_line::MockLine;
+use support::proxy::temp_dir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_line-retry-proxy");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn setting<'a>(stdout: &'a str, key: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(" = ")))
+        .unwrap_or_else(|| panic!("no {key} in:\n{stdout}"))
+}
+
+#[test]
+fn bad_values_are_one_line_and_exit_64() {
+    for args in [
+        &["check-config", "--attempt-timeout", "5 parsecs"][..],
+        &["check-config", "--max-attempts", "many"],
+        &["check-config", "--listen", "localhost"],
+        &["check-config", "--dedup-window", "25h"],
+        &["check-config", "--store", "memcached"],
+        &["--no-such-flag"],
+    ] {
+        let (code, _, stderr) = run(args, &[]);
+        assert_eq!(code, 64, "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+    let (_, _, stderr) = run(&["check-config", "--attempt-timeout", "5 parsecs"], &[]);
+    assert!(stderr.contains("attempt-timeout"), "{stderr}");
+}
+
+#[test]
+fn unknown_file_keys_are_an_error_naming_the_key() {
+    let dir = temp_dir("cli");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:8080\"\nattempt_timout = \"5s\"\n").unwrap();
+    let (code, _, stderr) = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("attempt_timout"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn the_shipped_config_is_valid_and_states_the_defaults() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/line-retry-proxy.toml");
+    let (code, with_file, stderr) = run(&["check-config", "--config", shipped], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let (_, defaults, _) = run(&["check-config"], &[]);
+    assert_eq!(with_file, defaults, "the documented values are the defaults");
+}
+
+#[test]
+fn flag_wins_over_env_wins_over_file() {
+    let dir = temp_dir("cli");
+    let file = dir.join("p.toml");
+    std::fs::write(&file, "max-attempts = 2\nattempt-timeout = \"3s\"\nretry-base-delay = \"1s\"\n").unwrap();
+    let f = file.to_str().unwrap();
+    let env = [("LINE_RETRY_PROXY_MAX_ATTEMPTS", "7"), ("LINE_RETRY_PROXY_ATTEMPT_TIMEOUT", "4s")];
+    let (code, out, err) = run(&["check-config", "--config", f, "--max-attempts", "9"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(setting(&out, "max-attempts"), "9", "flag over env");
+    assert_eq!(setting(&out, "attempt-timeout"), "\"4s\"", "env over file");
+    assert_eq!(setting(&out, "retry-base-delay"), "\"1s\"", "file over default");
+    let (_, out, _) = run(&["check-config", "--config", f], &[("LINE_RETRY_PROXY_CONFIG", "/nonexistent")]);
+    assert_eq!(setting(&out, "max-attempts"), "2", "--config flag over its env");
+}
+
+#[test]
+fn check_config_masks_secrets() {
+    let (code, out, _) = run(&["check-config"], &[("LINE_RETRY_PROXY_PROXY_AUTH", "bot:hunter2")]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("hunter2"));
+    assert_eq!(setting(&out, "proxy-auth"), "\"***\"");
+}
+
+#[test]
+fn ca_subcommand_creates_then_reuses_the_ca() {
+    let dir = temp_dir("ca").join("nested");
+    let d = dir.to_str().unwrap();
+    let (code, first, err) = run(&["ca", "--ca-dir", d], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(first.starts_with("-----BEGIN CERTIFICATE-----"), "{first}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (_, second, _) = run(&["ca"], &[("LINE_RETRY_PROXY_CA_DIR", d)]);
+    assert_eq!(first, second, "the same CA on every call");
+}
+
+/// The real process: serve, log one JSON line per request without the credential or
+/// the message, answer the healthcheck and stats subcommands, and exit 0 on SIGTERM.
+#[tokio::test]
+async fn serves_logs_safely_and_stops_on_sigterm() {
+    let mock = MockLine::start().await;
+    let ca_dir = temp_dir("ca");
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "--listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            "--log-format=json",
+            &format!("--upstream={}", mock.url()),
+            &format!("--upstream-ca={}", mock.ca_path().display()),
+            &format!("--ca-dir={}", ca_dir.display()),
+        ])
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let ready: serde_json::Value = loop {
+        let line = lines_rx.recv().await.expect("the proxy logs that it is ready");
+        log.push(line.clone());
+        if line.contains("line-retry-proxy ready") {
+            break serde_json::from_str(&line).expect("json log line");
+        }
+    };
+    let listen = ready["listen"].as_str().unwrap().to_owned();
+    let admin = ready["admin"].as_str().unwrap().to_owned();
+
+    let secret_text = "a message nobody may log";
+    let reply = support::proxy::send(
+        http::Method::POST,
+        &format!("http://{listen}/v2/bot/message/push"),
+        &[("authorization", "Bearer very-secret-token")],
+        support::proxy::push_body(secret_text),
+    )
+    .await;
+    assert_eq!(reply.status, http::StatusCode::OK);
+    assert_eq!(mock.delivered_count(), 1);
+
+    let health = Command::new(BIN).args(["healthcheck", "--admin-listen", &admin]).status().unwrap();
+    assert!(health.success());
+    let stats = Command::new(BIN).args(["stats", "--admin-listen", &admin]).output().unwrap();
+    let table = String::from_utf8_lossy(&stats.stdout);
+    assert!(table.lines().any(|l| l.starts_with("keys injected") && l.trim_end().ends_with(" 1")), "{table}");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    while let Some(line) = lines_rx.recv().await {
+        log.push(line);
+    }
+    let log = log.join("\n");
+    let access = log
+        .lines()
+        .find(|l| l.contains("\"outcome\":\"fresh\""))
+        .unwrap_or_else(|| panic!("an access line:\n{log}"));
+    let access: serde_json::Value = serde_json::from_str(access).unwrap();
+    assert_eq!(access["endpoint"], "push");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["attempts"], 1);
+    assert_eq!(access["key"].as_str().unwrap().len(), 36);
+    assert!(access["latency_ms"].as_f64().is_some());
+    assert!(!log.contains("very-secret-token"), "credential in the log");
+    assert!(!log.contains(secret_text), "message body in the log");
+    let healthcheck_after = Command::new(BIN).args(["healthcheck", "--admin-listen", &admin]).status().unwrap();
+    assert!(!healthcheck_after.success(), "nothing listens after exit");
+}
