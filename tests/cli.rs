@@ -189,3 +189,97 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
     let healthcheck_after = Command::new(BIN).args(["healthcheck", "--admin-listen", &admin]).status().unwrap();
     assert!(!healthcheck_after.success(), "nothing listens after exit");
 }
+
+/// A running process picks up a changed retry policy on SIGHUP, keeps its old one when
+/// the new file is bad, and keeps serving throughout.
+#[tokio::test]
+async fn sighup_reloads_the_retry_policy() {
+    let mock = MockLine::start().await;
+    let dir = temp_dir("hup");
+    let file = dir.join("proxy.toml");
+    std::fs::write(&file, "max-attempts = 1\nretry-base-delay = \"1ms\"\nretry-max-delay = \"2ms\"\n").unwrap();
+    let mut proxy = Process::start(&mock, &[&format!("--config={}", file.display())]).await;
+
+    mock.script([support::mock_line::Fault::Status(500)]);
+    assert_eq!(proxy.push("before reload").await, http::StatusCode::INTERNAL_SERVER_ERROR, "one attempt only");
+
+    std::fs::write(&file, "max-attempts = 3\nretry-base-delay = \"1ms\"\nretry-max-delay = \"2ms\"\n").unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_for_log("configuration reloaded").await;
+    mock.script([support::mock_line::Fault::Status(500)]);
+    assert_eq!(proxy.push("after reload").await, http::StatusCode::OK, "retried under the new policy");
+
+    std::fs::write(&file, "max-attempts = \"lots\"\n").unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_for_log("reload failed").await;
+    mock.script([support::mock_line::Fault::Status(500)]);
+    assert_eq!(proxy.push("bad file ignored").await, http::StatusCode::OK, "the previous policy stays");
+    proxy.signal("-TERM");
+    assert_eq!(proxy.child.wait().await.unwrap().code(), Some(0));
+}
+
+/// The binary run as a child process, with its JSON log lines readable as they come.
+struct Process {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    listen: String,
+}
+
+impl Process {
+    async fn start(mock: &MockLine, extra: &[&str]) -> Process {
+        let ca_dir = temp_dir("ca");
+        let mut child = tokio::process::Command::new(BIN)
+            .args([
+                "--listen=127.0.0.1:0",
+                "--admin-listen=127.0.0.1:0",
+                "--log-format=json",
+                &format!("--upstream={}", mock.url()),
+                &format!("--upstream-ca={}", mock.ca_path().display()),
+                &format!("--ca-dir={}", ca_dir.display()),
+            ])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let mut process = Process { child, lines, listen: String::new() };
+        let ready = process.wait_for_log("line-retry-proxy ready").await;
+        process.listen = ready["listen"].as_str().unwrap().to_owned();
+        process
+    }
+
+    async fn wait_for_log(&mut self, text: &str) -> serde_json::Value {
+        loop {
+            let line = self.lines.recv().await.unwrap_or_else(|| panic!("process ended before logging {text:?}"));
+            if line.contains(text) {
+                return serde_json::from_str(&line).expect("json log line");
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
+    async fn push(&self, text: &str) -> http::StatusCode {
+        support::proxy::send(
+            http::Method::POST,
+            &format!("http://{}/v2/bot/message/push", self.listen),
+            &[("authorization", support::proxy::TOKEN)],
+            support::proxy::push_body(text),
+        )
+        .await
+        .status
+    }
+}

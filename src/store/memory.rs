@@ -101,6 +101,8 @@ impl Store for MemoryStore {
     }
 
     fn stats(&self) -> StoreStats {
+        // moka counts lazily; settle pending work so a scrape sees what is held now.
+        self.cache.run_pending_tasks();
         StoreStats { entries: self.cache.entry_count(), bytes: self.cache.weighted_size() }
     }
 }

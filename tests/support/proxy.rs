@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 
 use super::mock_line::MockLine;
 
+/// Later flags override earlier ones, so a test can override the defaults below.
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct Args {
     #[command(flatten)]
     serve: ServeArgs,
