@@ -86,10 +86,20 @@ pub fn push_request(uri: &str, token: &str, body: &str) -> Request<Full<Bytes>> 
         .unwrap()
 }
 
-/// Reads until the peer closes; true if it closed (rather than sending something).
+/// Reads until the peer closes; true if it closed after at most a short goodbye (a TLS
+/// alert), false if it kept talking.
 pub async fn closed_by_peer(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 64];
-    matches!(stream.read(&mut buf).await, Ok(0) | Err(_))
+    let mut received = 0;
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => received += n,
+        }
+        if received > 64 {
+            return false;
+        }
+    }
 }
 
 pub fn ok(status: StatusCode) -> bool {
