@@ -41,17 +41,26 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
 fn answer(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
-        (&Method::GET, "/readyz") if app.shutdown.is_cancelled() => {
-            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", Bytes::from_static(b"shutting down\n"))
-        }
+        (&Method::GET, "/readyz") if app.shutdown.is_cancelled() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"shutting down\n"),
+        ),
         (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n")),
-        (&Method::GET, "/metrics") => {
-            (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(app.render_metrics()))
-        }
-        _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found: try /healthz, /readyz, /metrics\n")),
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            Bytes::from(app.render_metrics()),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found: try /healthz, /readyz, /metrics\n"),
+        ),
     };
     let mut res = Response::new(Full::new(body));
     *res.status_mut() = status;
-    res.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     res
 }

@@ -29,7 +29,10 @@ pub enum StartError {
     #[error("intercept CA: {0}")]
     Ca(#[from] CaError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What SIGHUP may replace: read once per request, swapped whole.
@@ -41,7 +44,10 @@ pub struct Live {
 
 impl Live {
     fn new(policy: Policy) -> Self {
-        let budget = RetryBudget::new(policy.retry.budget_ratio, policy.retry.budget_min_per_second);
+        let budget = RetryBudget::new(
+            policy.retry.budget_ratio,
+            policy.retry.budget_min_per_second,
+        );
         Live { policy, budget }
     }
 }
@@ -123,17 +129,28 @@ impl App {
 pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), StartError> {
     let listen = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
-        .map_err(|source| StartError::Bind { addr: config.admin_listen, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
     Ok((listen, admin))
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets connections finish
 /// their requests, and waits for upstream work (retries included) and tunnels, at
 /// most `shutdown-grace` in all. Returns whether everything finished in time.
-pub async fn run(app: Arc<App>, listener: TcpListener, admin: TcpListener, shutdown: impl Future<Output = ()>) -> bool {
+pub async fn run(
+    app: Arc<App>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
     let proxy = tokio::spawn(crate::listener::serve(app.clone(), listener));
     let admin = tokio::spawn(crate::admin::serve(app.clone(), admin));
     tokio::select! {
@@ -143,11 +160,16 @@ pub async fn run(app: Arc<App>, listener: TcpListener, admin: TcpListener, shutd
     tracing::info!(grace = ?app.config.shutdown_grace, "shutting down: no new connections, finishing requests in flight");
     app.shutdown.cancel();
     app.tasks.close();
-    let drained = tokio::time::timeout(app.config.shutdown_grace, app.tasks.wait()).await.is_ok();
+    let drained = tokio::time::timeout(app.config.shutdown_grace, app.tasks.wait())
+        .await
+        .is_ok();
     if drained {
         tracing::info!("all requests finished");
     } else {
-        tracing::warn!(in_flight = app.metrics.in_flight_now(), "grace period over, stopping with work in flight");
+        tracing::warn!(
+            in_flight = app.metrics.in_flight_now(),
+            "grace period over, stopping with work in flight"
+        );
     }
     let _ = proxy.await;
     admin.abort();

@@ -76,10 +76,18 @@ pub struct ServeArgs {
     #[arg(long, env = "LINE_RETRY_PROXY_RETRY_ON_429", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub retry_on_429: Option<String>,
     /// Retries allowed per first attempt, proxy-wide, to stop retry storms [default: 0.2]
-    #[arg(long, env = "LINE_RETRY_PROXY_RETRY_BUDGET_RATIO", value_name = "RATIO")]
+    #[arg(
+        long,
+        env = "LINE_RETRY_PROXY_RETRY_BUDGET_RATIO",
+        value_name = "RATIO"
+    )]
     pub retry_budget_ratio: Option<String>,
     /// Retries always allowed per second, whatever the ratio [default: 10]
-    #[arg(long, env = "LINE_RETRY_PROXY_RETRY_BUDGET_MIN_PER_SECOND", value_name = "N")]
+    #[arg(
+        long,
+        env = "LINE_RETRY_PROXY_RETRY_BUDGET_MIN_PER_SECOND",
+        value_name = "N"
+    )]
     pub retry_budget_min_per_second: Option<String>,
     /// Fingerprint JSON bodies in canonical form (key order and spacing ignored) [default: false]
     #[arg(long, env = "LINE_RETRY_PROXY_CANONICAL_JSON", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -163,7 +171,9 @@ impl ConfigError {
     }
 
     fn option(name: &str, value: &str, why: impl fmt::Display) -> Self {
-        ConfigError(format!("invalid value {value:?} for option `{name}`: {why}"))
+        ConfigError(format!(
+            "invalid value {value:?} for option `{name}`: {why}"
+        ))
     }
 }
 
@@ -241,7 +251,9 @@ impl Policy {
     }
 
     pub fn intercepts(&self, host: &str) -> bool {
-        self.intercept_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+        self.intercept_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
     }
 
     /// `*` admits every host; `host` admits any port; `host:port` admits that port only.
@@ -297,8 +309,11 @@ impl Config {
 
     fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         let listen = addr("listen", pick(&args.listen, file.listen), "127.0.0.1:8080")?;
-        let admin_listen =
-            addr("admin-listen", pick(&args.admin_listen, file.admin_listen), "127.0.0.1:9090")?;
+        let admin_listen = addr(
+            "admin-listen",
+            pick(&args.admin_listen, file.admin_listen),
+            "127.0.0.1:9090",
+        )?;
         let upstream = upstream(pick(&args.upstream, file.upstream))?;
         let dedup_window = window(
             "dedup-window",
@@ -351,7 +366,10 @@ impl Config {
             )?,
             budget_ratio: ratio(
                 "retry-budget-ratio",
-                pick(&args.retry_budget_ratio, file.retry_budget_ratio.map(|r| r.to_string())),
+                pick(
+                    &args.retry_budget_ratio,
+                    file.retry_budget_ratio.map(|r| r.to_string()),
+                ),
             )?,
             budget_min_per_second: number(
                 "retry-budget-min-per-second",
@@ -364,7 +382,10 @@ impl Config {
             )?,
         };
 
-        let mut endpoints = [EndpointPolicy { dedup_window, retry: true }; 4];
+        let mut endpoints = [EndpointPolicy {
+            dedup_window,
+            retry: true,
+        }; 4];
         for (name, table) in file.endpoints {
             let endpoint = Endpoint::from_name(&name).ok_or_else(|| {
                 ConfigError::new(format!(
@@ -373,8 +394,11 @@ impl Config {
             })?;
             let slot = &mut endpoints[endpoint.index()];
             if let Some(w) = table.dedup_window {
-                slot.dedup_window =
-                    window(&format!("endpoints.{name}.dedup-window"), Some(w), dedup_window)?;
+                slot.dedup_window = window(
+                    &format!("endpoints.{name}.dedup-window"),
+                    Some(w),
+                    dedup_window,
+                )?;
             }
             if let Some(r) = table.retry {
                 slot.retry = r;
@@ -401,7 +425,11 @@ impl Config {
             admin_listen,
             upstream,
             upstream_ca: args.upstream_ca.clone().or(file.upstream_ca),
-            ca_dir: args.ca_dir.clone().or(file.ca_dir).unwrap_or_else(|| PathBuf::from("ca")),
+            ca_dir: args
+                .ca_dir
+                .clone()
+                .or(file.ca_dir)
+                .unwrap_or_else(|| PathBuf::from("ca")),
             store: store(pick(&args.store, file.store))?,
             log_format: log_format(pick(&args.log_format, file.log_format))?,
             body_limit: number(
@@ -412,19 +440,28 @@ impl Config {
             )?,
             store_max_bytes: number(
                 "store-max-bytes",
-                pick(&args.store_max_bytes, file.store_max_bytes.map(|n| n.to_string())),
+                pick(
+                    &args.store_max_bytes,
+                    file.store_max_bytes.map(|n| n.to_string()),
+                ),
                 256 * 1024 * 1024,
                 1024 * 1024..=1 << 40,
             )?,
             canonical_json: boolean(
                 "canonical-json",
-                pick(&args.canonical_json, file.canonical_json.map(|b| b.to_string())),
+                pick(
+                    &args.canonical_json,
+                    file.canonical_json.map(|b| b.to_string()),
+                ),
                 false,
             )?,
             proxy_auth: proxy_auth(args.proxy_auth.clone().or(file.proxy_auth.map(Secret)))?,
             max_connections: number(
                 "max-connections",
-                pick(&args.max_connections, file.max_connections.map(|n| n.to_string())),
+                pick(
+                    &args.max_connections,
+                    file.max_connections.map(|n| n.to_string()),
+                ),
                 4096,
                 1..=1_000_000,
             )?,
@@ -464,11 +501,21 @@ impl Config {
         let mut out = String::new();
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
         line("listen", format!("{:?}", self.listen.to_string()));
-        line("admin-listen", format!("{:?}", self.admin_listen.to_string()));
+        line(
+            "admin-listen",
+            format!("{:?}", self.admin_listen.to_string()),
+        );
         line("upstream", format!("{:?}", self.upstream.to_string()));
         line(
             "upstream-ca",
-            format!("{:?}", self.upstream_ca.as_deref().map(Path::display).map(|p| p.to_string()).unwrap_or_default()),
+            format!(
+                "{:?}",
+                self.upstream_ca
+                    .as_deref()
+                    .map(Path::display)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            ),
         );
         line("ca-dir", format!("{:?}", self.ca_dir.display().to_string()));
         line("store", "\"memory\"".into());
@@ -479,14 +526,36 @@ impl Config {
         line("request-deadline", d(r.deadline));
         line("retry-on-429", r.retry_on_429.to_string());
         line("retry-budget-ratio", r.budget_ratio.to_string());
-        line("retry-budget-min-per-second", r.budget_min_per_second.to_string());
-        line("log-format", if self.log_format == LogFormat::Json { "\"json\"" } else { "\"text\"" }.into());
+        line(
+            "retry-budget-min-per-second",
+            r.budget_min_per_second.to_string(),
+        );
+        line(
+            "log-format",
+            if self.log_format == LogFormat::Json {
+                "\"json\""
+            } else {
+                "\"text\""
+            }
+            .into(),
+        );
         line("body-limit", self.body_limit.to_string());
         line("store-max-bytes", self.store_max_bytes.to_string());
         line("canonical-json", self.canonical_json.to_string());
-        line("intercept-hosts", format!("{:?}", self.policy.intercept_hosts));
+        line(
+            "intercept-hosts",
+            format!("{:?}", self.policy.intercept_hosts),
+        );
         line("tunnel-allow", format!("{:?}", self.policy.tunnel_allow));
-        line("proxy-auth", if self.proxy_auth.is_some() { "\"***\"" } else { "\"\"" }.into());
+        line(
+            "proxy-auth",
+            if self.proxy_auth.is_some() {
+                "\"***\""
+            } else {
+                "\"\""
+            }
+            .into(),
+        );
         line("max-connections", self.max_connections.to_string());
         line("header-timeout", d(self.header_timeout));
         line("handshake-timeout", d(self.handshake_timeout));
@@ -513,7 +582,12 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         let message = e.message().replace('\n', " ");
         let place = e
             .span()
-            .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+            .map(|s| {
+                format!(
+                    " (line {})",
+                    text[..s.start.min(text.len())].lines().count().max(1)
+                )
+            })
             .unwrap_or_default();
         ConfigError::new(format!("config file {}{place}: {message}", path.display()))
     })
@@ -525,7 +599,12 @@ fn pick(flag: &Option<String>, file: Option<String>) -> Option<String> {
 
 fn list(flag: &Option<String>, file: Option<Vec<String>>) -> Option<Vec<String>> {
     match flag {
-        Some(csv) => Some(csv.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()),
+        Some(csv) => Some(
+            csv.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ),
         None => file,
     }
 }
@@ -541,7 +620,10 @@ fn upstream(value: Option<String>) -> Result<UpstreamTarget, ConfigError> {
     let value = value.unwrap_or_else(|| "https://api.line.me".to_owned());
     let bad = |why: &str| ConfigError::option("upstream", &value, why);
     let uri: http::Uri = value.parse().map_err(|_| bad("not a URL"))?;
-    let scheme = uri.scheme().cloned().ok_or_else(|| bad("expected https://HOST[:PORT]"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| bad("expected https://HOST[:PORT]"))?;
     if scheme != Scheme::HTTPS && scheme != Scheme::HTTP {
         return Err(bad("the scheme must be https or http"));
     }
@@ -558,7 +640,9 @@ fn duration(
     default: Duration,
     range: std::ops::RangeInclusive<Duration>,
 ) -> Result<Duration, ConfigError> {
-    let Some(value) = value else { return Ok(default) };
+    let Some(value) = value else {
+        return Ok(default);
+    };
     let parsed = humantime::parse_duration(value.trim())
         .map_err(|e| ConfigError::option(name, &value, format!("{e} (use e.g. 250ms, 5s, 24h)")))?;
     if !range.contains(&parsed) {
@@ -576,7 +660,12 @@ fn duration(
 }
 
 fn window(name: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
-    duration(name, value, default, Duration::from_secs(1)..=MAX_DEDUP_WINDOW)
+    duration(
+        name,
+        value,
+        default,
+        Duration::from_secs(1)..=MAX_DEDUP_WINDOW,
+    )
 }
 
 fn number<T>(
@@ -588,7 +677,9 @@ fn number<T>(
 where
     T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
 {
-    let Some(value) = value else { return Ok(default) };
+    let Some(value) = value else {
+        return Ok(default);
+    };
     let parsed: T = value
         .trim()
         .parse()
@@ -607,12 +698,18 @@ fn ratio(name: &str, value: Option<String>) -> Result<f64, ConfigError> {
     let Some(value) = value else { return Ok(0.2) };
     match value.trim().parse::<f64>() {
         Ok(r) if (0.0..=100.0).contains(&r) => Ok(r),
-        _ => Err(ConfigError::option(name, &value, "expected a number from 0 to 100")),
+        _ => Err(ConfigError::option(
+            name,
+            &value,
+            "expected a number from 0 to 100",
+        )),
     }
 }
 
 fn boolean(name: &str, value: Option<String>, default: bool) -> Result<bool, ConfigError> {
-    let Some(value) = value else { return Ok(default) };
+    let Some(value) = value else {
+        return Ok(default);
+    };
     match value.trim() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
@@ -620,18 +717,30 @@ fn boolean(name: &str, value: Option<String>, default: bool) -> Result<bool, Con
     }
 }
 
-fn hosts(name: &str, value: Option<Vec<String>>, default: &[&str]) -> Result<Vec<String>, ConfigError> {
-    let Some(values) = value else { return Ok(default.iter().map(|s| s.to_string()).collect()) };
+fn hosts(
+    name: &str,
+    value: Option<Vec<String>>,
+    default: &[&str],
+) -> Result<Vec<String>, ConfigError> {
+    let Some(values) = value else {
+        return Ok(default.iter().map(|s| s.to_string()).collect());
+    };
     values
         .into_iter()
         .map(|host| {
             let ok = host == "*"
                 || (!host.is_empty()
-                    && host.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c)));
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c)));
             if ok {
                 Ok(host.to_ascii_lowercase())
             } else {
-                Err(ConfigError::option(name, &host, "expected a host name, host:port, or *"))
+                Err(ConfigError::option(
+                    name,
+                    &host,
+                    "expected a host name, host:port, or *",
+                ))
             }
         })
         .collect()
@@ -640,11 +749,13 @@ fn hosts(name: &str, value: Option<Vec<String>>, default: &[&str]) -> Result<Vec
 fn store(value: Option<String>) -> Result<StoreKind, ConfigError> {
     match value.as_deref() {
         None | Some("memory") => Ok(StoreKind::Memory),
-        Some(v) if v.starts_with("redis://") || v.starts_with("rediss://") => Err(ConfigError::option(
-            "store",
-            "redis://…",
-            "the shared Redis store is not part of this build yet; use memory",
-        )),
+        Some(v) if v.starts_with("redis://") || v.starts_with("rediss://") => {
+            Err(ConfigError::option(
+                "store",
+                "redis://…",
+                "the shared Redis store is not part of this build yet; use memory",
+            ))
+        }
         Some(v) => Err(ConfigError::option("store", v, "expected memory")),
     }
 }
@@ -653,7 +764,11 @@ fn log_format(value: Option<String>) -> Result<LogFormat, ConfigError> {
     match value.as_deref() {
         None | Some("text") => Ok(LogFormat::Text),
         Some("json") => Ok(LogFormat::Json),
-        Some(v) => Err(ConfigError::option("log-format", v, "expected text or json")),
+        Some(v) => Err(ConfigError::option(
+            "log-format",
+            v,
+            "expected text or json",
+        )),
     }
 }
 
@@ -664,9 +779,17 @@ fn secret(value: &str) -> Result<Secret, std::convert::Infallible> {
 fn proxy_auth(value: Option<Secret>) -> Result<Option<Secret>, ConfigError> {
     match value {
         None => Ok(None),
-        Some(v) if v.0.split_once(':').is_some_and(|(user, _)| !user.is_empty()) => Ok(Some(v)),
+        Some(v)
+            if v.0
+                .split_once(':')
+                .is_some_and(|(user, _)| !user.is_empty()) =>
+        {
+            Ok(Some(v))
+        }
         // The value is a credential: the error must not repeat it.
-        Some(_) => Err(ConfigError::new("invalid value for option `proxy-auth`: expected USER:PASSWORD")),
+        Some(_) => Err(ConfigError::new(
+            "invalid value for option `proxy-auth`: expected USER:PASSWORD",
+        )),
     }
 }
 
@@ -686,14 +809,21 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.upstream.to_string(), "https://api.line.me");
         assert_eq!(c.ca_dir, PathBuf::from("ca"));
-        assert_eq!(c.policy.endpoint(Endpoint::Push).dedup_window, MAX_DEDUP_WINDOW);
+        assert_eq!(
+            c.policy.endpoint(Endpoint::Push).dedup_window,
+            MAX_DEDUP_WINDOW
+        );
         assert_eq!(c.body_limit, 2 * 1024 * 1024);
     }
 
     #[test]
     fn flag_wins_over_file() {
-        let args = ServeArgs { max_attempts: Some("7".into()), ..Default::default() };
-        let parsed: FileConfig = toml::from_str("max-attempts = 2\nattempt-timeout = \"3s\"").unwrap();
+        let args = ServeArgs {
+            max_attempts: Some("7".into()),
+            ..Default::default()
+        };
+        let parsed: FileConfig =
+            toml::from_str("max-attempts = 2\nattempt-timeout = \"3s\"").unwrap();
         let c = Config::merge(&args, parsed).unwrap();
         assert_eq!(c.policy.retry.max_attempts, 7);
         assert_eq!(c.policy.retry.attempt_timeout, Duration::from_secs(3));
@@ -701,21 +831,33 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_option() {
-        let err = file("attempt-timeout = \"5 parsecs\"").unwrap_err().to_string();
+        let err = file("attempt-timeout = \"5 parsecs\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`attempt-timeout`"), "{err}");
         let err = file("dedup-window = \"48h\"").unwrap_err().to_string();
         assert!(err.contains("`dedup-window`"), "{err}");
-        let err = file("[endpoints.reply]\nretry = false").unwrap_err().to_string();
+        let err = file("[endpoints.reply]\nretry = false")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("reply"), "{err}");
-        let err = file("upstream = \"https://api.line.me/v2\"").unwrap_err().to_string();
+        let err = file("upstream = \"https://api.line.me/v2\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`upstream`"), "{err}");
         assert!(toml::from_str::<FileConfig>("colour = 1").is_err());
     }
 
     #[test]
     fn per_endpoint_overrides() {
-        let c = file("dedup-window = \"2h\"\n[endpoints.narrowcast]\ndedup-window = \"10m\"\nretry = false").unwrap();
-        assert_eq!(c.policy.endpoint(Endpoint::Push).dedup_window, Duration::from_secs(7200));
+        let c = file(
+            "dedup-window = \"2h\"\n[endpoints.narrowcast]\ndedup-window = \"10m\"\nretry = false",
+        )
+        .unwrap();
+        assert_eq!(
+            c.policy.endpoint(Endpoint::Push).dedup_window,
+            Duration::from_secs(7200)
+        );
         let n = c.policy.endpoint(Endpoint::Narrowcast);
         assert_eq!(n.dedup_window, Duration::from_secs(600));
         assert!(!n.retry);

@@ -26,7 +26,11 @@ use crate::error::ProxyError;
 use crate::listener::{authorized, serve_connection, Front};
 use crate::pipeline::{full, respond, ProxyBody};
 
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
     match open(&app, req, peer).await {
         Ok(res) => res,
         Err(err) => {
@@ -37,13 +41,25 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     }
 }
 
-async fn open(app: &Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+async fn open(
+    app: &Arc<App>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
     if !authorized(app, req.headers()) {
         return Err(ProxyError::ProxyAuthRequired);
     }
-    let authority = req.uri().authority().ok_or(ProxyError::BadRequest("CONNECT needs a host:port target"))?;
-    let host = authority.host().trim_matches(['[', ']']).to_ascii_lowercase();
-    let port = authority.port_u16().ok_or(ProxyError::BadRequest("CONNECT target has no port"))?;
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or(ProxyError::BadRequest("CONNECT needs a host:port target"))?;
+    let host = authority
+        .host()
+        .trim_matches(['[', ']'])
+        .to_ascii_lowercase();
+    let port = authority
+        .port_u16()
+        .ok_or(ProxyError::BadRequest("CONNECT target has no port"))?;
     let live = app.live();
 
     if live.policy.intercepts(&host) {
@@ -64,8 +80,18 @@ async fn open(app: &Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> R
     let connect_timeout = live.policy.retry.attempt_timeout;
     let target = match timeout(connect_timeout, TcpStream::connect((host.as_str(), port))).await {
         Ok(Ok(target)) => target,
-        Ok(Err(err)) => return Err(ProxyError::TunnelTarget { host, reason: err.kind().to_string() }),
-        Err(_) => return Err(ProxyError::TunnelTarget { host, reason: "connect timed out".into() }),
+        Ok(Err(err)) => {
+            return Err(ProxyError::TunnelTarget {
+                host,
+                reason: err.kind().to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(ProxyError::TunnelTarget {
+                host,
+                reason: "connect timed out".into(),
+            })
+        }
     };
     let _ = target.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut req);
@@ -89,15 +115,22 @@ fn established() -> Response<ProxyBody> {
 async fn intercept(app: Arc<App>, upgraded: Upgraded, host: String, peer: SocketAddr) {
     let counted = app.clone();
     let _open = counted.metrics.tunnel();
-    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+    let acceptor =
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
     let handshake = async {
         let start = acceptor.await?;
-        let sni = start.client_hello().server_name().map(str::to_ascii_lowercase);
+        let sni = start
+            .client_hello()
+            .server_name()
+            .map(str::to_ascii_lowercase);
         let name = match sni {
             Some(sni) if app.live().policy.intercepts(&sni) => sni,
             _ => host,
         };
-        let config = app.leaves.server_config(&name).map_err(std::io::Error::other)?;
+        let config = app
+            .leaves
+            .server_config(&name)
+            .map_err(std::io::Error::other)?;
         start.into_stream(config).await
     };
     let tls = match timeout(app.config.handshake_timeout, handshake).await {

@@ -147,7 +147,10 @@ impl ProxyError {
             ProxyError::ClientBody => "client_body",
             ProxyError::ProxyAuthRequired => "proxy_auth_required",
             ProxyError::HostNotAllowed { .. } => "host_not_allowed",
-            ProxyError::UpstreamUnreachable { last: AttemptFailure::Timeout, .. } => "upstream_timeout",
+            ProxyError::UpstreamUnreachable {
+                last: AttemptFailure::Timeout,
+                ..
+            } => "upstream_timeout",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::TunnelTarget { .. } => "tunnel_target_unreachable",
             ProxyError::Forward(_) => "upstream_forward_failed",
@@ -186,9 +189,15 @@ mod tests {
 
     #[test]
     fn exhausted_timeouts_are_gateway_timeouts() {
-        let err = ProxyError::UpstreamUnreachable { attempts: 3, last: AttemptFailure::Timeout };
+        let err = ProxyError::UpstreamUnreachable {
+            attempts: 3,
+            last: AttemptFailure::Timeout,
+        };
         assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
-        let err = ProxyError::UpstreamUnreachable { attempts: 3, last: AttemptFailure::Reset };
+        let err = ProxyError::UpstreamUnreachable {
+            attempts: 3,
+            last: AttemptFailure::Reset,
+        };
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
         assert!(err.retryable());
     }

@@ -83,7 +83,9 @@ where
         let front = front.clone();
         async move { Ok::<_, Infallible>(route(app, req, front).await) }
     });
-    let conn = app.http.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let conn = app
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -119,9 +121,18 @@ async fn absolute_form(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyB
         return respond::error_response(&ProxyError::ProxyAuthRequired);
     }
     let Some(host) = req.uri().host().map(str::to_ascii_lowercase) else {
-        return respond::error_response(&ProxyError::BadRequest("absolute-form target without a host"));
+        return respond::error_response(&ProxyError::BadRequest(
+            "absolute-form target without a host",
+        ));
     };
-    let port = req.uri().port_u16().unwrap_or(if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) { 443 } else { 80 });
+    let port =
+        req.uri()
+            .port_u16()
+            .unwrap_or(if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+                443
+            } else {
+                80
+            });
     let live = app.live();
     if live.policy.intercepts(&host) {
         return pipeline::handle(app, req).await;
@@ -140,11 +151,18 @@ async fn absolute_form(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyB
 
 /// Checks `Proxy-Authorization: Basic` when the proxy requires it.
 pub fn authorized(app: &App, headers: &http::HeaderMap) -> bool {
-    let Some(expected) = &app.config.proxy_auth else { return true };
-    let Some(given) = headers.get(http::header::PROXY_AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(expected) = &app.config.proxy_auth else {
+        return true;
+    };
+    let Some(given) = headers
+        .get(http::header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let Some((scheme, encoded)) = given.trim().split_once(' ') else { return false };
+    let Some((scheme, encoded)) = given.trim().split_once(' ') else {
+        return false;
+    };
     if !scheme.eq_ignore_ascii_case("basic") {
         return false;
     }

@@ -18,7 +18,12 @@ use line_retry_proxy::tls::ca::CertificateAuthority;
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "line-retry-proxy", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "line-retry-proxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -32,7 +37,12 @@ enum Command {
     Serve(ServeArgs),
     /// Print the intercept CA certificate (PEM) for bots to trust, creating it if absent
     Ca {
-        #[arg(long, env = "LINE_RETRY_PROXY_CA_DIR", value_name = "DIR", default_value = "ca")]
+        #[arg(
+            long,
+            env = "LINE_RETRY_PROXY_CA_DIR",
+            value_name = "DIR",
+            default_value = "ca"
+        )]
         ca_dir: PathBuf,
     },
     /// Validate the configuration and print the effective settings (secrets masked)
@@ -46,7 +56,12 @@ enum Command {
 #[derive(clap::Args)]
 struct AdminArgs {
     /// The proxy's admin listener
-    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "LINE_RETRY_PROXY_ADMIN_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
     admin_listen: std::net::SocketAddr,
 }
 
@@ -87,13 +102,15 @@ fn main() -> ExitCode {
                 Err(err) => fail(1, err),
             }
         }
-        Some(Command::Stats(args)) => match admin_client::get(args.admin_listen, "/metrics", Duration::from_secs(5)) {
-            Ok(metrics) => {
-                print!("{}", admin_client::stats_table(&metrics));
-                ExitCode::SUCCESS
+        Some(Command::Stats(args)) => {
+            match admin_client::get(args.admin_listen, "/metrics", Duration::from_secs(5)) {
+                Ok(metrics) => {
+                    print!("{}", admin_client::stats_table(&metrics));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => fail(1, err),
             }
-            Err(err) => fail(1, err),
-        },
+        }
     }
 }
 
@@ -108,7 +125,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(err) => return fail(EX_USAGE, err),
     };
     telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => return fail(1, format_args!("cannot start the runtime: {err}")),
     };
@@ -122,7 +142,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             Err(err @ StartError::Bind { .. }) => return fail(1, err),
             Err(err) => return fail(EX_USAGE, err),
         };
-        let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let addr =
+            |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
             listen = %addr(&listener),
             admin = %addr(&admin),
@@ -156,7 +177,9 @@ async fn shutdown_signal() {
 /// change safely: retry policy, windows, per-endpoint switches, host lists.
 async fn reload_on_sighup(app: Arc<App>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
     while hup.recv().await.is_some() {
         match Config::load(&app.config.args) {
             Ok(next) => {

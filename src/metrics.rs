@@ -13,7 +13,9 @@ use crate::store::StoreStats;
 /// The four keyed endpoints, then everything else.
 const ENDPOINT_LABELS: [&str; 5] = ["push", "multicast", "narrowcast", "broadcast", "other"];
 const OTHER: usize = 4;
-const BUCKETS: [f64; 13] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 fn endpoint_index(endpoint: Option<Endpoint>) -> usize {
     endpoint.map_or(OTHER, Endpoint::index)
@@ -44,7 +46,11 @@ impl Histogram {
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
@@ -154,7 +160,12 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         let o = &mut out;
 
-        header(o, "line_retry_proxy_requests_total", "counter", "Requests answered, by endpoint and outcome.");
+        header(
+            o,
+            "line_retry_proxy_requests_total",
+            "counter",
+            "Requests answered, by endpoint and outcome.",
+        );
         for (e, row) in ENDPOINT_LABELS.iter().zip(&self.requests) {
             for (outcome, n) in Outcome::ALL.iter().zip(row) {
                 let _ = writeln!(
@@ -165,34 +176,146 @@ impl Metrics {
                 );
             }
         }
-        header(o, "line_retry_proxy_upstream_attempts_total", "counter", "Requests sent to the upstream, retries included.");
-        per_endpoint(o, "line_retry_proxy_upstream_attempts_total", &self.upstream_attempts);
-        header(o, "line_retry_proxy_retries_total", "counter", "Upstream attempts repeated, by the reason the previous one failed.");
+        header(
+            o,
+            "line_retry_proxy_upstream_attempts_total",
+            "counter",
+            "Requests sent to the upstream, retries included.",
+        );
+        per_endpoint(
+            o,
+            "line_retry_proxy_upstream_attempts_total",
+            &self.upstream_attempts,
+        );
+        header(
+            o,
+            "line_retry_proxy_retries_total",
+            "counter",
+            "Upstream attempts repeated, by the reason the previous one failed.",
+        );
         for (reason, n) in AttemptFailure::ALL.iter().zip(&self.retries) {
-            let _ = writeln!(o, "line_retry_proxy_retries_total{{reason=\"{}\"}} {}", reason.label(), n.load(Relaxed));
+            let _ = writeln!(
+                o,
+                "line_retry_proxy_retries_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                n.load(Relaxed)
+            );
         }
-        counter(o, "line_retry_proxy_retry_budget_exhausted_total", "Retries not made because the proxy-wide retry budget was spent.", &self.retry_budget_exhausted);
-        header(o, "line_retry_proxy_keys_injected_total", "counter", "Requests sent with a retry key derived by the proxy.");
-        per_endpoint(o, "line_retry_proxy_keys_injected_total", &self.keys_injected);
-        header(o, "line_retry_proxy_client_keys_total", "counter", "Requests that brought their own retry key, forwarded unchanged.");
+        counter(
+            o,
+            "line_retry_proxy_retry_budget_exhausted_total",
+            "Retries not made because the proxy-wide retry budget was spent.",
+            &self.retry_budget_exhausted,
+        );
+        header(
+            o,
+            "line_retry_proxy_keys_injected_total",
+            "counter",
+            "Requests sent with a retry key derived by the proxy.",
+        );
+        per_endpoint(
+            o,
+            "line_retry_proxy_keys_injected_total",
+            &self.keys_injected,
+        );
+        header(
+            o,
+            "line_retry_proxy_client_keys_total",
+            "counter",
+            "Requests that brought their own retry key, forwarded unchanged.",
+        );
         per_endpoint(o, "line_retry_proxy_client_keys_total", &self.client_keys);
-        counter(o, "line_retry_proxy_stray_keys_removed_total", "Retry keys removed from endpoints that reject them.", &self.stray_keys_removed);
-        header(o, "line_retry_proxy_upstream_latency_seconds", "histogram", "Time of one upstream attempt until its answer head (keyed: whole answer).");
+        counter(
+            o,
+            "line_retry_proxy_stray_keys_removed_total",
+            "Retry keys removed from endpoints that reject them.",
+            &self.stray_keys_removed,
+        );
+        header(
+            o,
+            "line_retry_proxy_upstream_latency_seconds",
+            "histogram",
+            "Time of one upstream attempt until its answer head (keyed: whole answer).",
+        );
         for (e, h) in ENDPOINT_LABELS.iter().zip(&self.upstream_latency) {
-            h.render(o, "line_retry_proxy_upstream_latency_seconds", &format!("endpoint=\"{e}\""));
+            h.render(
+                o,
+                "line_retry_proxy_upstream_latency_seconds",
+                &format!("endpoint=\"{e}\""),
+            );
         }
-        gauge(o, "line_retry_proxy_store_entries", "Answers and claims held by the store.", store.entries as i64);
-        gauge(o, "line_retry_proxy_store_bytes", "Bytes held by the store, as weighed for its bound.", store.bytes as i64);
-        counter(o, "line_retry_proxy_store_errors_total", "Store operations that failed; the request was sent without the store.", &self.store_errors);
-        gauge(o, "line_retry_proxy_in_flight_requests", "Requests being handled now.", self.in_flight.load(Relaxed));
-        gauge(o, "line_retry_proxy_connections_open", "Client connections open now.", self.connections_open.load(Relaxed));
-        counter(o, "line_retry_proxy_connections_total", "Client connections accepted.", &self.connections_total);
-        counter(o, "line_retry_proxy_tls_handshakes_total", "TLS handshakes with bots inside CONNECT, successful or not.", &self.tls_handshakes);
-        counter(o, "line_retry_proxy_tls_handshake_failures_total", "TLS handshakes with bots that failed or timed out.", &self.tls_handshake_failures);
-        gauge(o, "line_retry_proxy_tunnels_open", "CONNECT tunnels open now (intercepted or byte-for-byte).", self.tunnels_open.load(Relaxed));
-        counter(o, "line_retry_proxy_tunnels_total", "CONNECT tunnels opened.", &self.tunnels_total);
-        counter(o, "line_retry_proxy_connect_refused_total", "CONNECT requests refused (host not allowed, auth, target unreachable).", &self.connect_refused);
-        gauge(o, "line_retry_proxy_leaf_certificates", "Intercept leaf certificates cached.", leaf_certificates as i64);
+        gauge(
+            o,
+            "line_retry_proxy_store_entries",
+            "Answers and claims held by the store.",
+            store.entries as i64,
+        );
+        gauge(
+            o,
+            "line_retry_proxy_store_bytes",
+            "Bytes held by the store, as weighed for its bound.",
+            store.bytes as i64,
+        );
+        counter(
+            o,
+            "line_retry_proxy_store_errors_total",
+            "Store operations that failed; the request was sent without the store.",
+            &self.store_errors,
+        );
+        gauge(
+            o,
+            "line_retry_proxy_in_flight_requests",
+            "Requests being handled now.",
+            self.in_flight.load(Relaxed),
+        );
+        gauge(
+            o,
+            "line_retry_proxy_connections_open",
+            "Client connections open now.",
+            self.connections_open.load(Relaxed),
+        );
+        counter(
+            o,
+            "line_retry_proxy_connections_total",
+            "Client connections accepted.",
+            &self.connections_total,
+        );
+        counter(
+            o,
+            "line_retry_proxy_tls_handshakes_total",
+            "TLS handshakes with bots inside CONNECT, successful or not.",
+            &self.tls_handshakes,
+        );
+        counter(
+            o,
+            "line_retry_proxy_tls_handshake_failures_total",
+            "TLS handshakes with bots that failed or timed out.",
+            &self.tls_handshake_failures,
+        );
+        gauge(
+            o,
+            "line_retry_proxy_tunnels_open",
+            "CONNECT tunnels open now (intercepted or byte-for-byte).",
+            self.tunnels_open.load(Relaxed),
+        );
+        counter(
+            o,
+            "line_retry_proxy_tunnels_total",
+            "CONNECT tunnels opened.",
+            &self.tunnels_total,
+        );
+        counter(
+            o,
+            "line_retry_proxy_connect_refused_total",
+            "CONNECT requests refused (host not allowed, auth, target unreachable).",
+            &self.connect_refused,
+        );
+        gauge(
+            o,
+            "line_retry_proxy_leaf_certificates",
+            "Intercept leaf certificates cached.",
+            leaf_certificates as i64,
+        );
         out
     }
 }
@@ -232,11 +355,22 @@ mod tests {
             let _g = m.in_flight();
             assert_eq!(m.in_flight_now(), 1);
         }
-        let text = m.render(StoreStats { entries: 2, bytes: 300 }, 1);
-        assert!(text.contains("line_retry_proxy_requests_total{endpoint=\"push\",outcome=\"replayed\"} 1"));
+        let text = m.render(
+            StoreStats {
+                entries: 2,
+                bytes: 300,
+            },
+            1,
+        );
+        assert!(text
+            .contains("line_retry_proxy_requests_total{endpoint=\"push\",outcome=\"replayed\"} 1"));
         assert!(text.contains("line_retry_proxy_retries_total{reason=\"timeout\"} 1"));
-        assert!(text.contains("line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.005\"} 1"));
-        assert!(text.contains("line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.05\"} 2"));
+        assert!(text.contains(
+            "line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.05\"} 2"
+        ));
         assert!(text.contains("line_retry_proxy_store_bytes 300"));
         assert!(text.contains("line_retry_proxy_in_flight_requests 0"));
     }

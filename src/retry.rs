@@ -41,7 +41,9 @@ impl ExponentialBackoff {
 
     /// The ceiling of the delay before retry number `retry` (1 = first retry).
     pub fn ceiling(&self, retry: u32) -> Duration {
-        let factor = 1u32.checked_shl(retry.saturating_sub(1)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(retry.saturating_sub(1))
+            .unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.cap)
     }
 
@@ -93,7 +95,9 @@ impl RetryBudget {
     pub fn try_withdraw(&self) -> bool {
         self.refill(Instant::now());
         self.balance
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| (b >= MILLI).then_some(b - MILLI))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b >= MILLI).then_some(b - MILLI)
+            })
             .is_ok()
     }
 
@@ -109,9 +113,11 @@ impl RetryBudget {
 
     fn add(&self, amount: i64) {
         if amount > 0 {
-            let _ = self.balance.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                Some((b + amount).min(self.cap))
-            });
+            let _ = self
+                .balance
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                    Some((b + amount).min(self.cap))
+                });
         }
     }
 }
@@ -123,12 +129,15 @@ mod tests {
 
     #[test]
     fn base_above_cap_is_refused() {
-        assert!(ExponentialBackoff::try_new(Duration::from_secs(2), Duration::from_secs(1)).is_err());
+        assert!(
+            ExponentialBackoff::try_new(Duration::from_secs(2), Duration::from_secs(1)).is_err()
+        );
     }
 
     #[test]
     fn ceilings_double_then_cap() {
-        let b = ExponentialBackoff::try_new(Duration::from_millis(100), Duration::from_millis(700)).unwrap();
+        let b = ExponentialBackoff::try_new(Duration::from_millis(100), Duration::from_millis(700))
+            .unwrap();
         let ceilings: Vec<_> = (1..=5).map(|n| b.ceiling(n).as_millis()).collect();
         assert_eq!(ceilings, [100, 200, 400, 700, 700]);
         assert_eq!(b.ceiling(200), Duration::from_millis(700));
@@ -147,10 +156,14 @@ mod tests {
 
     #[test]
     fn jitter_spreads_delays() {
-        let b = ExponentialBackoff::try_new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+        let b =
+            ExponentialBackoff::try_new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
         let mut rng = fastrand::Rng::with_seed(7);
         let delays: std::collections::HashSet<_> = (0..50).map(|_| b.delay(1, &mut rng)).collect();
-        assert!(delays.len() > 40, "full jitter should rarely repeat a delay");
+        assert!(
+            delays.len() > 40,
+            "full jitter should rarely repeat a delay"
+        );
     }
 
     #[tokio::test(start_paused = true)]

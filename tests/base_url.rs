@@ -45,8 +45,14 @@ async fn the_bots_resend_is_answered_from_the_store() {
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(again.outcome(), "replayed");
     assert_eq!(again.body, first.body, "the original sentMessages");
-    assert_eq!(again.header("x-line-request-id"), first.header("x-line-request-id"));
-    assert_eq!(again.header("x-line-retry-key"), first.header("x-line-retry-key"));
+    assert_eq!(
+        again.header("x-line-request-id"),
+        first.header("x-line-request-id")
+    );
+    assert_eq!(
+        again.header("x-line-retry-key"),
+        first.header("x-line-retry-key")
+    );
     assert_eq!(mock.requests().len(), 1, "the resend never reached LINE");
     assert_eq!(mock.delivered_count(), 1);
 }
@@ -59,8 +65,13 @@ async fn different_messages_channels_and_endpoints_get_different_keys() {
     let b = push(&proxy, &push_body("b")).await;
     let other_channel = post(&proxy, PUSH, "Bearer channel-token-b", &push_body("a")).await;
     let keys = [&a, &b, &other_channel].map(|r| r.header("x-line-retry-key").to_owned());
-    assert!(keys[0] != keys[1] && keys[0] != keys[2] && keys[1] != keys[2], "{keys:?}");
-    assert!([&a, &b, &other_channel].iter().all(|r| r.outcome() == "fresh"));
+    assert!(
+        keys[0] != keys[1] && keys[0] != keys[2] && keys[1] != keys[2],
+        "{keys:?}"
+    );
+    assert!([&a, &b, &other_channel]
+        .iter()
+        .all(|r| r.outcome() == "fresh"));
     assert_eq!(mock.delivered_count(), 3);
 }
 
@@ -89,10 +100,22 @@ async fn survives(faults: Vec<Fault>, extra: &[&str]) -> (MockLine, support::pro
     mock.script(faults);
     let proxy = Proxy::start(&mock, extra).await;
     let reply = push(&proxy, &push_body("through the storm")).await;
-    assert!(reply.status.is_success(), "{} {:?}", reply.status, reply.body);
+    assert!(
+        reply.status.is_success(),
+        "{} {:?}",
+        reply.status,
+        reply.body
+    );
     assert_eq!(mock.delivered_count(), 1, "exactly one delivery");
-    let keys: Vec<_> = mock.requests().iter().map(|r| r.retry_key.clone()).collect();
-    assert!(keys.windows(2).all(|w| w[0] == w[1]), "every attempt carries the same key: {keys:?}");
+    let keys: Vec<_> = mock
+        .requests()
+        .iter()
+        .map(|r| r.retry_key.clone())
+        .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] == w[1]),
+        "every attempt carries the same key: {keys:?}"
+    );
     (mock, reply)
 }
 
@@ -110,7 +133,11 @@ async fn accept_then_500_resolves_the_409_into_the_original_success() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.outcome(), "conflict-resolved");
     let delivery = &mock.deliveries()[0];
-    assert_eq!(reply.header("x-line-request-id"), delivery.request_id, "the accepted request's id");
+    assert_eq!(
+        reply.header("x-line-request-id"),
+        delivery.request_id,
+        "the accepted request's id"
+    );
     assert_eq!(reply.json()["sentMessages"].as_array().unwrap().len(), 1);
 }
 
@@ -138,7 +165,13 @@ async fn narrowcast_conflict_becomes_202() {
     let mock = MockLine::start().await;
     mock.script([Fault::AcceptThenStatus(502)]);
     let proxy = Proxy::start(&mock, &[]).await;
-    let reply = post(&proxy, "/v2/bot/message/narrowcast", TOKEN, r#"{"messages":[]}"#).await;
+    let reply = post(
+        &proxy,
+        "/v2/bot/message/narrowcast",
+        TOKEN,
+        r#"{"messages":[]}"#,
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(reply.outcome(), "conflict-resolved");
     assert_eq!(reply.body, "{}");
@@ -163,7 +196,9 @@ async fn rate_limit_is_not_retried_by_default() {
 #[tokio::test]
 async fn rate_limit_is_retried_when_configured_but_never_the_monthly_limit() {
     let mock = MockLine::start().await;
-    mock.script([Fault::RateLimited { retry_after: Some(0) }]);
+    mock.script([Fault::RateLimited {
+        retry_after: Some(0),
+    }]);
     let proxy = Proxy::start(&mock, &["--retry-on-429"]).await;
     assert_eq!(push(&proxy, &push_body("x")).await.status, StatusCode::OK);
     assert_eq!(mock.requests().len(), 2);
@@ -178,7 +213,13 @@ async fn rate_limit_is_retried_when_configured_but_never_the_monthly_limit() {
 async fn client_errors_are_never_retried() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &[]).await;
-    let reply = send(Method::POST, &proxy.url(PUSH), &[("content-type", "application/json")], push_body("no token")).await;
+    let reply = send(
+        Method::POST,
+        &proxy.url(PUSH),
+        &[("content-type", "application/json")],
+        push_body("no token"),
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert_eq!(mock.requests().len(), 1);
 }
@@ -195,8 +236,15 @@ async fn exhausted_5xx_returns_lines_answer_and_is_not_stored() {
     assert_eq!(mock.delivered_count(), 0);
 
     let again = push(&proxy, &push_body("x")).await;
-    assert_eq!(again.status, StatusCode::OK, "a resend after an outage is sent, under the same key");
-    assert_eq!(again.header("x-line-retry-key"), reply.header("x-line-retry-key"));
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "a resend after an outage is sent, under the same key"
+    );
+    assert_eq!(
+        again.header("x-line-retry-key"),
+        reply.header("x-line-retry-key")
+    );
     assert_eq!(mock.delivered_count(), 1);
 }
 
@@ -217,7 +265,10 @@ async fn unreachable_upstream_is_a_502_after_bounded_attempts() {
     let mock = MockLine::start().await;
     let mut proxy_args = vec!["--max-attempts=3".to_owned()];
     // A port that was just free: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     proxy_args.push(format!("--upstream=https://{closed}"));
     let args: Vec<&str> = proxy_args.iter().map(String::as_str).collect();
     let proxy = Proxy::start(&mock, &args).await;
@@ -225,7 +276,12 @@ async fn unreachable_upstream_is_a_502_after_bounded_attempts() {
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.json()["reason"], "upstream_unreachable");
     assert_eq!(reply.json()["retryable"], true);
-    assert_eq!(proxy.metric("line_retry_proxy_retries_total{reason=\"connect\"}").await, 2.0);
+    assert_eq!(
+        proxy
+            .metric("line_retry_proxy_retries_total{reason=\"connect\"}")
+            .await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -240,7 +296,12 @@ async fn identical_concurrent_requests_are_coalesced() {
     let mut outcomes: Vec<_> = replies.iter().map(|r| r.outcome().to_owned()).collect();
     outcomes.sort();
     assert_eq!(outcomes[4], "fresh");
-    assert!(outcomes[..4].iter().all(|o| o == "coalesced" || o == "replayed"), "{outcomes:?}");
+    assert!(
+        outcomes[..4]
+            .iter()
+            .all(|o| o == "coalesced" || o == "replayed"),
+        "{outcomes:?}"
+    );
     assert!(replies.iter().all(|r| r.body == replies[0].body));
 }
 
@@ -267,7 +328,11 @@ where
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
     out.extend(done.into_iter().map(|v| v.expect("all done")));
@@ -285,7 +350,11 @@ async fn a_bot_that_gives_up_does_not_cancel_the_send() {
     mock.wait_requests(1).await;
     let resend = push(&proxy, &body).await;
     assert_eq!(resend.status, StatusCode::OK);
-    assert!(matches!(resend.outcome(), "coalesced" | "replayed"), "{}", resend.outcome());
+    assert!(
+        matches!(resend.outcome(), "coalesced" | "replayed"),
+        "{}",
+        resend.outcome()
+    );
     assert_eq!(mock.requests().len(), 1);
     assert_eq!(mock.delivered_count(), 1);
 }
@@ -295,7 +364,11 @@ async fn a_bots_own_key_is_kept_and_its_409_passed_through() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &[]).await;
     let key = "123e4567-e89b-12d3-a456-426614174000";
-    let headers = [("authorization", TOKEN), ("content-type", "application/json"), ("x-line-retry-key", key)];
+    let headers = [
+        ("authorization", TOKEN),
+        ("content-type", "application/json"),
+        ("x-line-retry-key", key),
+    ];
     let first = send(Method::POST, &proxy.url(PUSH), &headers, push_body("mine")).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(mock.requests()[0].retry_key.as_deref(), Some(key));
@@ -303,7 +376,12 @@ async fn a_bots_own_key_is_kept_and_its_409_passed_through() {
     let other = send(Method::POST, &proxy.url(PUSH), &headers, push_body("other")).await;
     assert_eq!(other.status, StatusCode::CONFLICT);
     assert_eq!(mock.delivered_count(), 1);
-    assert_eq!(proxy.metric("line_retry_proxy_client_keys_total{endpoint=\"push\"}").await, 2.0);
+    assert_eq!(
+        proxy
+            .metric("line_retry_proxy_client_keys_total{endpoint=\"push\"}")
+            .await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -320,12 +398,26 @@ async fn an_empty_key_counts_as_absent() {
 async fn a_stray_key_on_another_endpoint_is_removed() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &[]).await;
-    let headers = [("authorization", TOKEN), ("x-line-retry-key", "123e4567-e89b-12d3-a456-426614174000")];
-    let reply = send(Method::POST, &proxy.url("/v2/bot/message/reply"), &headers, r#"{"replyToken":"r","messages":[]}"#).await;
+    let headers = [
+        ("authorization", TOKEN),
+        ("x-line-retry-key", "123e4567-e89b-12d3-a456-426614174000"),
+    ];
+    let reply = send(
+        Method::POST,
+        &proxy.url("/v2/bot/message/reply"),
+        &headers,
+        r#"{"replyToken":"r","messages":[]}"#,
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(reply.outcome_or_none(), None);
     assert_eq!(mock.requests()[0].retry_key, None);
-    assert_eq!(proxy.metric("line_retry_proxy_stray_keys_removed_total").await, 1.0);
+    assert_eq!(
+        proxy
+            .metric("line_retry_proxy_stray_keys_removed_total")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -355,14 +447,24 @@ async fn passthrough_is_forwarded_untouched_minus_hop_by_hop_headers() {
     assert_eq!(seen["headers"]["x-end-to-end"], "must stay");
     assert_eq!(seen["headers"]["authorization"], TOKEN);
     assert!(seen["headers"].get("x-hop").is_none());
-    assert_eq!(reply.outcome_or_none(), None, "passthrough answers are LINE's own");
+    assert_eq!(
+        reply.outcome_or_none(),
+        None,
+        "passthrough answers are LINE's own"
+    );
 }
 
 #[tokio::test]
 async fn large_passthrough_answers_stream_through() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &["--body-limit=1024"]).await;
-    let reply = send(Method::GET, &proxy.url("/stream/5000000"), &[("authorization", TOKEN)], "").await;
+    let reply = send(
+        Method::GET,
+        &proxy.url("/stream/5000000"),
+        &[("authorization", TOKEN)],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.body.len(), 5_000_000);
 }
@@ -375,12 +477,42 @@ async fn metrics_count_what_happened() {
     push(&proxy, &push_body("m")).await;
     push(&proxy, &push_body("m")).await;
     let m = |s: &str| format!("line_retry_proxy_{s}");
-    assert_eq!(proxy.metric(&m("requests_total{endpoint=\"push\",outcome=\"fresh\"}")).await, 1.0);
-    assert_eq!(proxy.metric(&m("requests_total{endpoint=\"push\",outcome=\"replayed\"}")).await, 1.0);
-    assert_eq!(proxy.metric(&m("keys_injected_total{endpoint=\"push\"}")).await, 1.0);
-    assert_eq!(proxy.metric(&m("upstream_attempts_total{endpoint=\"push\"}")).await, 2.0);
-    assert_eq!(proxy.metric(&m("retries_total{reason=\"status_5xx\"}")).await, 1.0);
-    assert_eq!(proxy.metric(&m("upstream_latency_seconds_count{endpoint=\"push\"}")).await, 2.0);
+    assert_eq!(
+        proxy
+            .metric(&m("requests_total{endpoint=\"push\",outcome=\"fresh\"}"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric(&m("requests_total{endpoint=\"push\",outcome=\"replayed\"}"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric(&m("keys_injected_total{endpoint=\"push\"}"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric(&m("upstream_attempts_total{endpoint=\"push\"}"))
+            .await,
+        2.0
+    );
+    assert_eq!(
+        proxy
+            .metric(&m("retries_total{reason=\"status_5xx\"}"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric(&m("upstream_latency_seconds_count{endpoint=\"push\"}"))
+            .await,
+        2.0
+    );
     assert_eq!(proxy.metric(&m("store_entries")).await, 1.0);
     assert!(proxy.metric(&m("store_bytes")).await > 0.0);
 }
@@ -414,7 +546,13 @@ async fn shutdown_lets_a_request_and_its_retries_finish() {
     let mut proxy = Proxy::start(&mock, &[]).await;
     let url = proxy.url(PUSH);
     let request = tokio::spawn(async move {
-        send(Method::POST, &url, &[("authorization", TOKEN)], push_body("in flight")).await
+        send(
+            Method::POST,
+            &url,
+            &[("authorization", TOKEN)],
+            push_body("in flight"),
+        )
+        .await
     });
     mock.wait_requests(1).await;
     let stopped = proxy.begin_stop();

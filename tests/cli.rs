@@ -13,7 +13,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_line-retry-proxy");
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -54,7 +56,11 @@ fn bad_values_are_one_line_and_exit_64() {
 fn unknown_file_keys_are_an_error_naming_the_key() {
     let dir = temp_dir("cli");
     let file = dir.join("bad.toml");
-    std::fs::write(&file, "listen = \"127.0.0.1:8080\"\nattempt_timout = \"5s\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:8080\"\nattempt_timout = \"5s\"\n",
+    )
+    .unwrap();
     let (code, _, stderr) = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
     assert_eq!(code, 64);
     assert!(stderr.contains("attempt_timout"), "{stderr}");
@@ -67,28 +73,55 @@ fn the_shipped_config_is_valid_and_states_the_defaults() {
     let (code, with_file, stderr) = run(&["check-config", "--config", shipped], &[]);
     assert_eq!(code, 0, "{stderr}");
     let (_, defaults, _) = run(&["check-config"], &[]);
-    assert_eq!(with_file, defaults, "the documented values are the defaults");
+    assert_eq!(
+        with_file, defaults,
+        "the documented values are the defaults"
+    );
 }
 
 #[test]
 fn flag_wins_over_env_wins_over_file() {
     let dir = temp_dir("cli");
     let file = dir.join("p.toml");
-    std::fs::write(&file, "max-attempts = 2\nattempt-timeout = \"3s\"\nretry-base-delay = \"1s\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "max-attempts = 2\nattempt-timeout = \"3s\"\nretry-base-delay = \"1s\"\n",
+    )
+    .unwrap();
     let f = file.to_str().unwrap();
-    let env = [("LINE_RETRY_PROXY_MAX_ATTEMPTS", "7"), ("LINE_RETRY_PROXY_ATTEMPT_TIMEOUT", "4s")];
-    let (code, out, err) = run(&["check-config", "--config", f, "--max-attempts", "9"], &env);
+    let env = [
+        ("LINE_RETRY_PROXY_MAX_ATTEMPTS", "7"),
+        ("LINE_RETRY_PROXY_ATTEMPT_TIMEOUT", "4s"),
+    ];
+    let (code, out, err) = run(
+        &["check-config", "--config", f, "--max-attempts", "9"],
+        &env,
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(setting(&out, "max-attempts"), "9", "flag over env");
     assert_eq!(setting(&out, "attempt-timeout"), "\"4s\"", "env over file");
-    assert_eq!(setting(&out, "retry-base-delay"), "\"1s\"", "file over default");
-    let (_, out, _) = run(&["check-config", "--config", f], &[("LINE_RETRY_PROXY_CONFIG", "/nonexistent")]);
-    assert_eq!(setting(&out, "max-attempts"), "2", "--config flag over its env");
+    assert_eq!(
+        setting(&out, "retry-base-delay"),
+        "\"1s\"",
+        "file over default"
+    );
+    let (_, out, _) = run(
+        &["check-config", "--config", f],
+        &[("LINE_RETRY_PROXY_CONFIG", "/nonexistent")],
+    );
+    assert_eq!(
+        setting(&out, "max-attempts"),
+        "2",
+        "--config flag over its env"
+    );
 }
 
 #[test]
 fn check_config_masks_secrets() {
-    let (code, out, _) = run(&["check-config"], &[("LINE_RETRY_PROXY_PROXY_AUTH", "bot:hunter2")]);
+    let (code, out, _) = run(
+        &["check-config"],
+        &[("LINE_RETRY_PROXY_PROXY_AUTH", "bot:hunter2")],
+    );
     assert_eq!(code, 0);
     assert!(!out.contains("hunter2"));
     assert_eq!(setting(&out, "proxy-auth"), "\"***\"");
@@ -102,7 +135,11 @@ fn ca_subcommand_creates_then_reuses_the_ca() {
     assert_eq!(code, 0, "{err}");
     assert!(first.starts_with("-----BEGIN CERTIFICATE-----"), "{first}");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(dir.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let (_, second, _) = run(&["ca"], &[("LINE_RETRY_PROXY_CA_DIR", d)]);
     assert_eq!(first, second, "the same CA on every call");
@@ -140,7 +177,10 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
     });
     let mut log = Vec::new();
     let ready: serde_json::Value = loop {
-        let line = lines_rx.recv().await.expect("the proxy logs that it is ready");
+        let line = lines_rx
+            .recv()
+            .await
+            .expect("the proxy logs that it is ready");
         log.push(line.clone());
         if line.contains("line-retry-proxy ready") {
             break serde_json::from_str(&line).expect("json log line");
@@ -160,14 +200,29 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
     assert_eq!(reply.status, http::StatusCode::OK);
     assert_eq!(mock.delivered_count(), 1);
 
-    let health = Command::new(BIN).args(["healthcheck", "--admin-listen", &admin]).status().unwrap();
+    let health = Command::new(BIN)
+        .args(["healthcheck", "--admin-listen", &admin])
+        .status()
+        .unwrap();
     assert!(health.success());
-    let stats = Command::new(BIN).args(["stats", "--admin-listen", &admin]).output().unwrap();
+    let stats = Command::new(BIN)
+        .args(["stats", "--admin-listen", &admin])
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&stats.stdout);
-    assert!(table.lines().any(|l| l.starts_with("keys injected") && l.trim_end().ends_with(" 1")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("keys injected") && l.trim_end().ends_with(" 1")),
+        "{table}"
+    );
 
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = child.wait().await.unwrap();
     assert_eq!(status.code(), Some(0));
     while let Some(line) = lines_rx.recv().await {
@@ -186,7 +241,10 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
     assert!(access["latency_ms"].as_f64().is_some());
     assert!(!log.contains("very-secret-token"), "credential in the log");
     assert!(!log.contains(secret_text), "message body in the log");
-    let healthcheck_after = Command::new(BIN).args(["healthcheck", "--admin-listen", &admin]).status().unwrap();
+    let healthcheck_after = Command::new(BIN)
+        .args(["healthcheck", "--admin-listen", &admin])
+        .status()
+        .unwrap();
     assert!(!healthcheck_after.success(), "nothing listens after exit");
 }
 
@@ -197,23 +255,43 @@ async fn sighup_reloads_the_retry_policy() {
     let mock = MockLine::start().await;
     let dir = temp_dir("hup");
     let file = dir.join("proxy.toml");
-    std::fs::write(&file, "max-attempts = 1\nretry-base-delay = \"1ms\"\nretry-max-delay = \"2ms\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "max-attempts = 1\nretry-base-delay = \"1ms\"\nretry-max-delay = \"2ms\"\n",
+    )
+    .unwrap();
     let mut proxy = Process::start(&mock, &[&format!("--config={}", file.display())]).await;
 
     mock.script([support::mock_line::Fault::Status(500)]);
-    assert_eq!(proxy.push("before reload").await, http::StatusCode::INTERNAL_SERVER_ERROR, "one attempt only");
+    assert_eq!(
+        proxy.push("before reload").await,
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "one attempt only"
+    );
 
-    std::fs::write(&file, "max-attempts = 3\nretry-base-delay = \"1ms\"\nretry-max-delay = \"2ms\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "max-attempts = 3\nretry-base-delay = \"1ms\"\nretry-max-delay = \"2ms\"\n",
+    )
+    .unwrap();
     proxy.signal("-HUP");
     proxy.wait_for_log("configuration reloaded").await;
     mock.script([support::mock_line::Fault::Status(500)]);
-    assert_eq!(proxy.push("after reload").await, http::StatusCode::OK, "retried under the new policy");
+    assert_eq!(
+        proxy.push("after reload").await,
+        http::StatusCode::OK,
+        "retried under the new policy"
+    );
 
     std::fs::write(&file, "max-attempts = \"lots\"\n").unwrap();
     proxy.signal("-HUP");
     proxy.wait_for_log("reload failed").await;
     mock.script([support::mock_line::Fault::Status(500)]);
-    assert_eq!(proxy.push("bad file ignored").await, http::StatusCode::OK, "the previous policy stays");
+    assert_eq!(
+        proxy.push("bad file ignored").await,
+        http::StatusCode::OK,
+        "the previous policy stays"
+    );
     proxy.signal("-TERM");
     assert_eq!(proxy.child.wait().await.unwrap().code(), Some(0));
 }
@@ -252,7 +330,11 @@ impl Process {
                 let _ = tx.send(line);
             }
         });
-        let mut process = Process { child, lines, listen: String::new() };
+        let mut process = Process {
+            child,
+            lines,
+            listen: String::new(),
+        };
         let ready = process.wait_for_log("line-retry-proxy ready").await;
         process.listen = ready["listen"].as_str().unwrap().to_owned();
         process
@@ -260,7 +342,11 @@ impl Process {
 
     async fn wait_for_log(&mut self, text: &str) -> serde_json::Value {
         loop {
-            let line = self.lines.recv().await.unwrap_or_else(|| panic!("process ended before logging {text:?}"));
+            let line = self
+                .lines
+                .recv()
+                .await
+                .unwrap_or_else(|| panic!("process ended before logging {text:?}"));
             if line.contains(text) {
                 return serde_json::from_str(&line).expect("json log line");
             }
@@ -269,7 +355,11 @@ impl Process {
 
     fn signal(&self, sig: &str) {
         let pid = self.child.id().unwrap().to_string();
-        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
     }
 
     async fn push(&self, text: &str) -> http::StatusCode {

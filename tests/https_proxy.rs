@@ -21,7 +21,13 @@ fn ca_pem(proxy: &Proxy) -> std::path::PathBuf {
 
 async fn intercepted_push(proxy: &Proxy, alpn: &[&[u8]], body: &str) -> support::proxy::Reply {
     let stream = connect(proxy.addr, "api.line.me:443").await;
-    let tls = tunnel::tls(stream, "api.line.me", tunnel::client_config(&ca_pem(proxy), alpn)).await.expect("proxy CA is trusted");
+    let tls = tunnel::tls(
+        stream,
+        "api.line.me",
+        tunnel::client_config(&ca_pem(proxy), alpn),
+    )
+    .await
+    .expect("proxy CA is trusted");
     tunnel::request(tls, tunnel::push_request(PUSH_URL, TOKEN, body)).await
 }
 
@@ -37,8 +43,13 @@ async fn intercepted_push_gets_a_key_over_http1_and_http2() {
     }
     let delivered = mock.deliveries();
     assert_eq!(delivered.len(), 2);
-    assert!(delivered.iter().all(|d| d.retry_key.as_deref().is_some_and(|k| k.len() == 36)));
-    assert_eq!(proxy.metric("line_retry_proxy_tls_handshakes_total").await, 2.0);
+    assert!(delivered
+        .iter()
+        .all(|d| d.retry_key.as_deref().is_some_and(|k| k.len() == 36)));
+    assert_eq!(
+        proxy.metric("line_retry_proxy_tls_handshakes_total").await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -52,7 +63,10 @@ async fn intercepted_traffic_shares_keys_retries_and_replay_with_base_url_mode()
     assert_eq!(intercepted.outcome(), "conflict-resolved");
     let direct = push(&proxy, &body).await;
     assert_eq!(direct.outcome(), "replayed");
-    assert_eq!(direct.header("x-line-retry-key"), intercepted.header("x-line-retry-key"));
+    assert_eq!(
+        direct.header("x-line-retry-key"),
+        intercepted.header("x-line-retry-key")
+    );
     assert_eq!(mock.delivered_count(), 1);
 }
 
@@ -68,8 +82,15 @@ async fn connect_variants_real_clients_send() {
     ] {
         let (stream, status, answer) = connect_raw(proxy.addr, head).await;
         assert_eq!(status, 200, "{head:?} → {answer}");
-        let tls = tunnel::tls(stream, "api.line.me", tunnel::client_config(&ca_pem(&proxy), &[b"http/1.1"])).await.unwrap();
-        let reply = tunnel::request(tls, tunnel::push_request(PUSH_URL, TOKEN, &push_body(head))).await;
+        let tls = tunnel::tls(
+            stream,
+            "api.line.me",
+            tunnel::client_config(&ca_pem(&proxy), &[b"http/1.1"]),
+        )
+        .await
+        .unwrap();
+        let reply =
+            tunnel::request(tls, tunnel::push_request(PUSH_URL, TOKEN, &push_body(head))).await;
         assert_eq!(reply.status, StatusCode::OK, "{head:?}");
     }
     assert_eq!(mock.delivered_count(), 3);
@@ -80,13 +101,23 @@ async fn hosts_off_the_lists_are_refused_not_relayed() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &[]).await;
     let target = mock.addr().to_string();
-    let (_, status, answer) = connect_raw(proxy.addr, &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")).await;
+    let (_, status, answer) = connect_raw(
+        proxy.addr,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+    )
+    .await;
     assert_eq!(status, 403, "{answer}");
-    assert!(answer.contains("x-line-retry-proxy-error: host_not_allowed"), "{answer}");
+    assert!(
+        answer.contains("x-line-retry-proxy-error: host_not_allowed"),
+        "{answer}"
+    );
     assert!(mock.requests().is_empty());
     assert_eq!(mock.connections(), 0, "nothing was opened to the target");
     // The proxy keeps serving.
-    assert_eq!(push(&proxy, &push_body("still here")).await.status, StatusCode::OK);
+    assert_eq!(
+        push(&proxy, &push_body("still here")).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -96,19 +127,42 @@ async fn allowlisted_hosts_are_tunnelled_byte_for_byte() {
     let stream = connect(proxy.addr, &mock.addr().to_string()).await;
     // TLS end to end with the target itself: the proxy's CA is not involved.
     let config = tunnel::client_config(mock.ca_path(), &[b"http/1.1"]);
-    let tls = tunnel::tls(stream, "127.0.0.1", config).await.expect("the target's own certificate");
-    let reply = tunnel::request(tls, tunnel::push_request(&format!("https://{}/v2/bot/message/push", mock.addr()), TOKEN, &push_body("raw"))).await;
+    let tls = tunnel::tls(stream, "127.0.0.1", config)
+        .await
+        .expect("the target's own certificate");
+    let reply = tunnel::request(
+        tls,
+        tunnel::push_request(
+            &format!("https://{}/v2/bot/message/push", mock.addr()),
+            TOKEN,
+            &push_body("raw"),
+        ),
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(mock.requests()[0].retry_key, None, "a tunnel is not intercepted");
-    assert_eq!(proxy.metric("line_retry_proxy_keys_injected_total{endpoint=\"push\"}").await, 0.0);
+    assert_eq!(
+        mock.requests()[0].retry_key,
+        None,
+        "a tunnel is not intercepted"
+    );
+    assert_eq!(
+        proxy
+            .metric("line_retry_proxy_keys_injected_total{endpoint=\"push\"}")
+            .await,
+        0.0
+    );
 }
 
 #[tokio::test]
 async fn an_unreachable_tunnel_target_is_a_502_with_a_reason() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &["--tunnel-allow=127.0.0.1"]).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (_, status, answer) = connect_raw(proxy.addr, &format!("CONNECT {closed} HTTP/1.1\r\n\r\n")).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_, status, answer) =
+        connect_raw(proxy.addr, &format!("CONNECT {closed} HTTP/1.1\r\n\r\n")).await;
     assert_eq!(status, 502, "{answer}");
     assert!(answer.contains("tunnel_target_unreachable"), "{answer}");
 }
@@ -117,22 +171,47 @@ async fn an_unreachable_tunnel_target_is_a_502_with_a_reason() {
 async fn proxy_authorization_is_required_when_configured() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &["--proxy-auth=bot:s3cret"]).await;
-    let (_, status, answer) = connect_raw(proxy.addr, "CONNECT api.line.me:443 HTTP/1.1\r\n\r\n").await;
+    let (_, status, answer) =
+        connect_raw(proxy.addr, "CONNECT api.line.me:443 HTTP/1.1\r\n\r\n").await;
     assert_eq!(status, 407);
-    assert!(answer.to_ascii_lowercase().contains("proxy-authenticate: basic"), "{answer}");
-    let (_, status, _) = connect_raw(proxy.addr, "CONNECT api.line.me:443 HTTP/1.1\r\nProxy-Authorization: Basic Ym90Ondyb25n\r\n\r\n").await;
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("proxy-authenticate: basic"),
+        "{answer}"
+    );
+    let (_, status, _) = connect_raw(
+        proxy.addr,
+        "CONNECT api.line.me:443 HTTP/1.1\r\nProxy-Authorization: Basic Ym90Ondyb25n\r\n\r\n",
+    )
+    .await;
     assert_eq!(status, 407, "wrong password");
     // base64("bot:s3cret")
-    let (_, status, _) = connect_raw(proxy.addr, "CONNECT api.line.me:443 HTTP/1.1\r\nProxy-Authorization: Basic Ym90OnMzY3JldA==\r\n\r\n").await;
+    let (_, status, _) = connect_raw(
+        proxy.addr,
+        "CONNECT api.line.me:443 HTTP/1.1\r\nProxy-Authorization: Basic Ym90OnMzY3JldA==\r\n\r\n",
+    )
+    .await;
     assert_eq!(status, 200);
     // Base-URL mode reaches only LINE, with the bot's own LINE credential: no proxy auth.
-    let base_url = send(Method::POST, &proxy.url("/v2/bot/message/push"), &[("authorization", TOKEN)], push_body("origin-form")).await;
+    let base_url = send(
+        Method::POST,
+        &proxy.url("/v2/bot/message/push"),
+        &[("authorization", TOKEN)],
+        push_body("origin-form"),
+    )
+    .await;
     assert_eq!(base_url.status, StatusCode::OK);
     let mut plain = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     plain.write_all(b"GET http://api.line.me/v2/bot/info HTTP/1.1\r\nHost: api.line.me\r\nConnection: close\r\n\r\n").await.unwrap();
     let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut plain, &mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 407"), "absolute-form needs proxy auth: {answer}");
+    tokio::io::AsyncReadExt::read_to_string(&mut plain, &mut answer)
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 407"),
+        "absolute-form needs proxy auth: {answer}"
+    );
 }
 
 #[tokio::test]
@@ -140,14 +219,30 @@ async fn tls_garbage_after_connect_is_dropped_and_the_proxy_goes_on() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &[]).await;
     let mut stream = connect(proxy.addr, "api.line.me:443").await;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: api.line.me\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: api.line.me\r\n\r\n")
+        .await
+        .unwrap();
     assert!(closed_by_peer(&mut stream).await);
     let mut stream = connect(proxy.addr, "api.line.me:443").await;
-    stream.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3]).await.unwrap();
+    stream
+        .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3])
+        .await
+        .unwrap();
     stream.shutdown().await.unwrap();
     assert!(closed_by_peer(&mut stream).await);
-    assert_eq!(intercepted_push(&proxy, &[b"http/1.1"], &push_body("after garbage")).await.status, StatusCode::OK);
-    assert_eq!(proxy.metric("line_retry_proxy_tls_handshake_failures_total").await, 2.0);
+    assert_eq!(
+        intercepted_push(&proxy, &[b"http/1.1"], &push_body("after garbage"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        proxy
+            .metric("line_retry_proxy_tls_handshake_failures_total")
+            .await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -165,7 +260,10 @@ async fn a_slow_header_client_is_timed_out() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &["--header-timeout=200ms"]).await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(b"POST /v2/bot/message/push HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stream
+        .write_all(b"POST /v2/bot/message/push HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(5), closed_by_peer(&mut stream)).await;
     assert_eq!(closed.ok(), Some(true));
     assert!(mock.requests().is_empty());
@@ -184,12 +282,18 @@ async fn connections_over_the_limit_are_closed_and_service_resumes() {
         tokio::task::yield_now().await;
     }
     let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    assert!(closed_by_peer(&mut third).await, "over the limit: closed at once");
+    assert!(
+        closed_by_peer(&mut third).await,
+        "over the limit: closed at once"
+    );
     held.pop();
     while proxy.metric("line_retry_proxy_connections_open").await > 1.0 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(push(&proxy, &push_body("room again")).await.status, StatusCode::OK);
+    assert_eq!(
+        push(&proxy, &push_body("room again")).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -205,20 +309,32 @@ async fn absolute_form_requests_are_proxied_like_base_url() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
+        .await
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("x-line-retry-proxy: fresh"), "{answer}");
     assert_eq!(mock.delivered_count(), 1);
 
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n").await.unwrap();
+    stream
+        .write_all(
+            b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
     let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
+        .await
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 }
 
 fn curl_available() -> bool {
-    Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// curl as a bot would run it: `-x` to the proxy, `--cacert` the proxy's CA, the real
@@ -234,24 +350,52 @@ async fn curl_through_the_proxy() {
     let (ok, first, err) = tokio::task::spawn_blocking(move || {
         let run = |extra: &[&str]| {
             let out = Command::new("curl")
-                .args(["-sS", "--fail-with-body", "-D", "-", "-x", &proxy_url, "--cacert", ca.to_str().unwrap()])
+                .args([
+                    "-sS",
+                    "--fail-with-body",
+                    "-D",
+                    "-",
+                    "-x",
+                    &proxy_url,
+                    "--cacert",
+                    ca.to_str().unwrap(),
+                ])
                 .args(extra)
-                .args(["-H", &format!("Authorization: {TOKEN}"), "-H", "Content-Type: application/json", "--data", &body, PUSH_URL])
+                .args([
+                    "-H",
+                    &format!("Authorization: {TOKEN}"),
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data",
+                    &body,
+                    PUSH_URL,
+                ])
                 .env_remove("HTTPS_PROXY")
                 .env_remove("https_proxy")
                 .output()
                 .unwrap();
-            (out.status.success(), String::from_utf8_lossy(&out.stdout).to_lowercase(), String::from_utf8_lossy(&out.stderr).into_owned())
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_lowercase(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
         };
         let a = run(&["--http1.1"]);
         let b = run(&["--http2"]);
-        (a.0 && b.0, format!("{}\n---\n{}", a.1, b.1), format!("{}{}", a.2, b.2))
+        (
+            a.0 && b.0,
+            format!("{}\n---\n{}", a.1, b.1),
+            format!("{}{}", a.2, b.2),
+        )
     })
     .await
     .unwrap();
     assert!(ok, "{err}\n{first}");
     assert!(first.contains("x-line-retry-proxy: fresh"), "{first}");
-    assert!(first.contains("x-line-retry-proxy: replayed"), "the second curl is a resend: {first}");
+    assert!(
+        first.contains("x-line-retry-proxy: replayed"),
+        "the second curl is a resend: {first}"
+    );
     assert_eq!(mock.delivered_count(), 1);
     assert!(mock.deliveries()[0].retry_key.is_some());
 }

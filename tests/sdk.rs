@@ -20,7 +20,10 @@ fn repo() -> &'static Path {
 
 fn python() -> PathBuf {
     let python = repo().join(".venv/bin/python");
-    assert!(python.exists(), "no .venv: run scripts/setup-sdk-env.sh (scripts/test.sh does)");
+    assert!(
+        python.exists(),
+        "no .venv: run scripts/setup-sdk-env.sh (scripts/test.sh does)"
+    );
     python
 }
 
@@ -30,7 +33,10 @@ fn command(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
+        )
         .env("LRP_TOKEN", "channel-token-sdk")
         .env("LRP_TO", "U0123456789abcdef0123456789abcdef")
         .env("NO_PROXY", "")
@@ -44,12 +50,21 @@ struct Run {
 }
 
 fn run(mut cmd: Command, what: &str) -> Run {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{what} failed:\nstdout: {stdout}\nstderr: {stderr}");
-    let line = stdout.lines().last().unwrap_or_else(|| panic!("{what}: no output; stderr: {stderr}"));
-    let json = serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    let line = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("{what}: no output; stderr: {stderr}"));
+    let json =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"));
     Run { json }
 }
 
@@ -62,16 +77,25 @@ struct Target {
 
 impl Target {
     fn of(proxy: &Proxy) -> Target {
-        Target { url: format!("http://{}", proxy.addr), ca: proxy.ca_dir.join("ca.pem") }
+        Target {
+            url: format!("http://{}", proxy.addr),
+            ca: proxy.ca_dir.join("ca.pem"),
+        }
     }
 }
 
 fn python_push(target: &Target, mode: &str, text: &str) -> Run {
     let mut cmd = command(&python());
-    cmd.arg(repo().join("tests/sdk/python_push.py")).arg(mode).env("LRP_TEXT", text);
+    cmd.arg(repo().join("tests/sdk/python_push.py"))
+        .arg(mode)
+        .env("LRP_TEXT", text);
     match mode {
-        "legacy-proxy" => cmd.env("HTTPS_PROXY", &target.url).env("REQUESTS_CA_BUNDLE", &target.ca),
-        "v3-proxy" => cmd.env("LRP_PROXY_URL", &target.url).env("LRP_CA_FILE", &target.ca),
+        "legacy-proxy" => cmd
+            .env("HTTPS_PROXY", &target.url)
+            .env("REQUESTS_CA_BUNDLE", &target.ca),
+        "v3-proxy" => cmd
+            .env("LRP_PROXY_URL", &target.url)
+            .env("LRP_CA_FILE", &target.ca),
         _ => cmd.env("LRP_BASE_URL", &target.url),
     };
     run(cmd, mode)
@@ -86,20 +110,39 @@ async fn push_twice(mode: &'static str, send: fn(&Target, &str, &str) -> Run) {
     let text = format!("hello from {mode}");
     let (first, again) = {
         let text = text.clone();
-        tokio::task::spawn_blocking(move || (send(&target, mode, &text), send(&target, mode, &text))).await.unwrap()
+        tokio::task::spawn_blocking(move || {
+            (send(&target, mode, &text), send(&target, mode, &text))
+        })
+        .await
+        .unwrap()
     };
 
     let delivered = mock.deliveries();
     assert_eq!(delivered.len(), 1, "{mode}: exactly one delivery");
     let key = delivered[0].retry_key.clone().expect("an injected key");
     assert_eq!(key.len(), 36, "{key}");
-    assert_eq!(delivered[0].authorization.as_deref(), Some("Bearer channel-token-sdk"));
+    assert_eq!(
+        delivered[0].authorization.as_deref(),
+        Some("Bearer channel-token-sdk")
+    );
     assert!(String::from_utf8_lossy(&delivered[0].body).contains(&text));
     assert_eq!(first.json["status"], 200, "{:?}", first.json);
-    assert_eq!(first.json["sent_messages"].as_array().map(Vec::len), Some(1), "{:?}", first.json);
-    assert_eq!(first.json["sent_messages"], again.json["sent_messages"], "the resend gets the original answer");
+    assert_eq!(
+        first.json["sent_messages"].as_array().map(Vec::len),
+        Some(1),
+        "{:?}",
+        first.json
+    );
+    assert_eq!(
+        first.json["sent_messages"], again.json["sent_messages"],
+        "the resend gets the original answer"
+    );
     let replayed = "line_retry_proxy_requests_total{endpoint=\"push\",outcome=\"replayed\"}";
-    assert_eq!(proxy.metric(replayed).await, 1.0, "{mode}: the second run was a replay");
+    assert_eq!(
+        proxy.metric(replayed).await,
+        1.0,
+        "{mode}: the second run was a replay"
+    );
 }
 
 #[tokio::test]
@@ -125,12 +168,20 @@ async fn python_v3_client_with_base_url() {
 /// A Node that honours NODE_USE_ENV_PROXY, installed by setup-sdk-env.sh when npm could.
 fn node() -> Result<PathBuf, String> {
     let record = repo().join("tests/sdk/node/.node-path");
-    let path = std::fs::read_to_string(&record).map_err(|_| format!("{} is missing (npm could not install Node 22)", record.display()))?;
+    let path = std::fs::read_to_string(&record).map_err(|_| {
+        format!(
+            "{} is missing (npm could not install Node 22)",
+            record.display()
+        )
+    })?;
     let path = PathBuf::from(path.trim());
     if !path.exists() {
         return Err(format!("{} does not exist", path.display()));
     }
-    if !repo().join("tests/sdk/node/node_modules/@line/bot-sdk").exists() {
+    if !repo()
+        .join("tests/sdk/node/node_modules/@line/bot-sdk")
+        .exists()
+    {
         return Err("@line/bot-sdk is not installed in tests/sdk/node".into());
     }
     Ok(path)
@@ -139,7 +190,9 @@ fn node() -> Result<PathBuf, String> {
 fn node_push(target: &Target, mode: &str, text: &str) -> Run {
     let node = node().expect("checked before");
     let mut cmd = command(&node);
-    cmd.arg(repo().join("tests/sdk/node/push.mjs")).arg(mode).env("LRP_TEXT", text);
+    cmd.arg(repo().join("tests/sdk/node/push.mjs"))
+        .arg(mode)
+        .env("LRP_TEXT", text);
     match mode {
         "node-proxy" => cmd
             .env("HTTPS_PROXY", &target.url)

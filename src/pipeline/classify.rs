@@ -34,8 +34,12 @@ pub fn classify(method: &Method, path: &str) -> Route {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 4] =
-        [Endpoint::Push, Endpoint::Multicast, Endpoint::Narrowcast, Endpoint::Broadcast];
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Push,
+        Endpoint::Multicast,
+        Endpoint::Narrowcast,
+        Endpoint::Broadcast,
+    ];
 
     pub fn index(self) -> usize {
         self as usize
@@ -77,15 +81,30 @@ mod tests {
 
     #[test]
     fn only_post_on_exact_paths_is_keyed() {
-        assert_eq!(classify(&Method::POST, "/v2/bot/message/push"), Route::Keyed(Endpoint::Push));
+        assert_eq!(
+            classify(&Method::POST, "/v2/bot/message/push"),
+            Route::Keyed(Endpoint::Push)
+        );
         assert_eq!(
             classify(&Method::POST, "/v2/bot/message/narrowcast"),
             Route::Keyed(Endpoint::Narrowcast)
         );
-        assert_eq!(classify(&Method::GET, "/v2/bot/message/push"), Route::Passthrough);
-        assert_eq!(classify(&Method::POST, "/v2/bot/message/reply"), Route::Passthrough);
-        assert_eq!(classify(&Method::POST, "/v2/bot/message/push/"), Route::Passthrough);
-        assert_eq!(classify(&Method::POST, "/v2/bot/message/validate/push"), Route::Passthrough);
+        assert_eq!(
+            classify(&Method::GET, "/v2/bot/message/push"),
+            Route::Passthrough
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v2/bot/message/reply"),
+            Route::Passthrough
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v2/bot/message/push/"),
+            Route::Passthrough
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v2/bot/message/validate/push"),
+            Route::Passthrough
+        );
     }
 
     #[test]

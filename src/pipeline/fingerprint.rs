@@ -93,11 +93,20 @@ mod tests {
 
     fn scope(token: &str) -> [u8; 32] {
         let mut h = HeaderMap::new();
-        h.insert(http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
         caller_scope(&h)
     }
 
-    fn fp(scope: &[u8; 32], path: &str, key: Option<&str>, body: &[u8], canonical: bool) -> Fingerprint {
+    fn fp(
+        scope: &[u8; 32],
+        path: &str,
+        key: Option<&str>,
+        body: &[u8],
+        canonical: bool,
+    ) -> Fingerprint {
         fingerprint(
             &Request {
                 scope,
@@ -115,16 +124,28 @@ mod tests {
         let a = scope("a");
         let base = fp(&a, "/v2/bot/message/push", None, b"{}", false);
         assert_eq!(base, fp(&a, "/v2/bot/message/push", None, b"{}", false));
-        assert_ne!(base, fp(&scope("b"), "/v2/bot/message/push", None, b"{}", false));
-        assert_ne!(base, fp(&a, "/v2/bot/message/broadcast", None, b"{}", false));
-        assert_ne!(base, fp(&a, "/v2/bot/message/push", Some("k"), b"{}", false));
+        assert_ne!(
+            base,
+            fp(&scope("b"), "/v2/bot/message/push", None, b"{}", false)
+        );
+        assert_ne!(
+            base,
+            fp(&a, "/v2/bot/message/broadcast", None, b"{}", false)
+        );
+        assert_ne!(
+            base,
+            fp(&a, "/v2/bot/message/push", Some("k"), b"{}", false)
+        );
         assert_ne!(base, fp(&a, "/v2/bot/message/push", None, b"{ }", false));
     }
 
     #[test]
     fn length_prefixes_prevent_boundary_games() {
         let a = scope("a");
-        assert_ne!(fp(&a, "/p", Some("ab"), b"c", false), fp(&a, "/p", Some("a"), b"bc", false));
+        assert_ne!(
+            fp(&a, "/p", Some("ab"), b"c", false),
+            fp(&a, "/p", Some("a"), b"bc", false)
+        );
     }
 
     #[test]
@@ -132,10 +153,19 @@ mod tests {
         let a = scope("a");
         let python = br#"{"to": "U1", "messages": [{"type": "text", "text": "hi"}]}"#;
         let go = b"{\"messages\":[{\"text\":\"hi\",\"type\":\"text\"}],\"to\":\"U1\"}\n";
-        assert_eq!(fp(&a, "/p", None, python, true), fp(&a, "/p", None, go, true));
-        assert_ne!(fp(&a, "/p", None, python, false), fp(&a, "/p", None, go, false));
+        assert_eq!(
+            fp(&a, "/p", None, python, true),
+            fp(&a, "/p", None, go, true)
+        );
+        assert_ne!(
+            fp(&a, "/p", None, python, false),
+            fp(&a, "/p", None, go, false)
+        );
         // Not JSON: hashed raw, and never equal to a JSON body's canonical form.
-        assert_ne!(fp(&a, "/p", None, b"{}", true), fp(&a, "/p", None, b"{} x", true));
+        assert_ne!(
+            fp(&a, "/p", None, b"{}", true),
+            fp(&a, "/p", None, b"{} x", true)
+        );
     }
 
     fn json_value() -> impl Strategy<Value = serde_json::Value> {

@@ -2,7 +2,10 @@
 //! ways, with hop-by-hop headers handled per RFC 9110 §7.6.1. No buffering, no
 //! retries: the request may not be idempotent, and its body is gone once streamed.
 
-use http::header::{CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
+};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -32,7 +35,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+    for name in [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
         headers.remove(name);
     }
 }
@@ -49,7 +62,12 @@ pub async fn to_line(app: &App, req: Request<Incoming>) -> Result<Response<Proxy
 }
 
 /// Sends one request to `uri`, streaming its body, and streams the answer back.
-pub async fn forward(app: &App, parts: &mut Parts, body: Incoming, uri: Uri) -> Result<Response<ProxyBody>, ProxyError> {
+pub async fn forward(
+    app: &App,
+    parts: &mut Parts,
+    body: Incoming,
+    uri: Uri,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers);
     headers.remove(HOST);
@@ -72,7 +90,10 @@ pub async fn forward(app: &App, parts: &mut Parts, body: Incoming, uri: Uri) -> 
     strip_hop_by_hop(&mut parts.headers);
     // The client's connection has its own version; hyper frames the answer for it.
     parts.version = Version::default();
-    Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(Into::into).boxed_unsync(),
+    ))
 }
 
 #[cfg(test)]

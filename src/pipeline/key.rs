@@ -90,7 +90,10 @@ mod tests {
     fn full_window_key_does_not_depend_on_time() {
         let fp = Fingerprint([1; 32]);
         let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(derive(&fp, DAY, t0), derive(&fp, DAY, t0 + Duration::from_secs(90_000)));
+        assert_eq!(
+            derive(&fp, DAY, t0),
+            derive(&fp, DAY, t0 + Duration::from_secs(90_000))
+        );
     }
 
     #[test]
@@ -98,7 +101,10 @@ mod tests {
         let fp = Fingerprint([1; 32]);
         let hour = Duration::from_secs(3600);
         let t0 = UNIX_EPOCH + Duration::from_secs(3600 * 1000);
-        assert_eq!(derive(&fp, hour, t0), derive(&fp, hour, t0 + Duration::from_secs(3599)));
+        assert_eq!(
+            derive(&fp, hour, t0),
+            derive(&fp, hour, t0 + Duration::from_secs(3599))
+        );
         assert_ne!(derive(&fp, hour, t0), derive(&fp, hour, t0 + hour));
     }
 

@@ -44,7 +44,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A claim lapses this long after the owner's deadline, should the owner vanish.
@@ -69,7 +71,11 @@ impl Exchange {
             endpoint: Some(endpoint),
             outcome,
             key: Some(answer.key.clone()),
-            attempts: if matches!(outcome, Outcome::Replayed | Outcome::Coalesced) { 0 } else { answer.attempts },
+            attempts: if matches!(outcome, Outcome::Replayed | Outcome::Coalesced) {
+                0
+            } else {
+                answer.attempts
+            },
             upstream_status: answer.upstream_status,
         }
     }
@@ -156,18 +162,29 @@ async fn keyed(app: &Arc<App>, endpoint: Endpoint, req: Request<Incoming>) -> Ex
     headers.remove(HOST);
     headers.insert(RETRY_KEY_HEADER, key.header_value());
     headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let out = send::Outbound { method: parts.method, uri: app.upstream.uri(path_and_query), headers, body };
+    let out = send::Outbound {
+        method: parts.method,
+        uri: app.upstream.uri(path_and_query),
+        headers,
+        body,
+    };
 
     let lease = live.policy.retry.deadline + LEASE_MARGIN;
     for _ in 0..MAX_CLAIMS {
         match app.store.claim(fp, lease).await {
-            Ok(Claim::Done(answer)) => return Exchange::answered(endpoint, &answer, Outcome::Replayed),
+            Ok(Claim::Done(answer)) => {
+                return Exchange::answered(endpoint, &answer, Outcome::Replayed)
+            }
             Ok(Claim::InFlight(waiting)) => match tokio::time::timeout(lease, waiting).await {
-                Ok(Some(answer)) => return Exchange::answered(endpoint, &answer, Outcome::Coalesced),
+                Ok(Some(answer)) => {
+                    return Exchange::answered(endpoint, &answer, Outcome::Coalesced)
+                }
                 // The owner vanished or outlived its lease: claim again.
                 _ => continue,
             },
-            Ok(Claim::Owner(ticket)) => return own(app, live, endpoint, policy, key, out, Some(ticket)).await,
+            Ok(Claim::Owner(ticket)) => {
+                return own(app, live, endpoint, policy, key, out, Some(ticket)).await
+            }
             Err(err) => {
                 app.metrics.store_error();
                 tracing::warn!(error = %err, "sending without the store; the retry key still prevents duplicates at LINE");
@@ -220,12 +237,18 @@ async fn own(
     });
     match rx.await {
         Ok(answer) => Exchange::answered(endpoint, &answer, answer.outcome),
-        Err(_) => Exchange::failed(Some(endpoint), &ProxyError::Internal("the upstream task ended without an answer")),
+        Err(_) => Exchange::failed(
+            Some(endpoint),
+            &ProxyError::Internal("the upstream task ended without an answer"),
+        ),
     }
 }
 
 /// The bot's own key, if it sent a non-empty one. An empty header (Go v8 given "")
 /// counts as absent.
 fn client_key(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers.get(RETRY_KEY_HEADER).filter(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace)).cloned()
+    headers
+        .get(RETRY_KEY_HEADER)
+        .filter(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+        .cloned()
 }

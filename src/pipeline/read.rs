@@ -36,13 +36,27 @@ mod tests {
 
     #[tokio::test]
     async fn reads_within_the_limit_and_refuses_beyond() {
-        let ok = body(Full::new(Bytes::from_static(b"hello")), &HeaderMap::new(), 5).await.unwrap();
+        let ok = body(
+            Full::new(Bytes::from_static(b"hello")),
+            &HeaderMap::new(),
+            5,
+        )
+        .await
+        .unwrap();
         assert_eq!(ok, "hello");
-        let err = body(Full::new(Bytes::from_static(b"hello!")), &HeaderMap::new(), 5).await.unwrap_err();
+        let err = body(
+            Full::new(Bytes::from_static(b"hello!")),
+            &HeaderMap::new(),
+            5,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ProxyError::BodyTooLarge { limit: 5 }));
         let mut declared = HeaderMap::new();
         declared.insert(http::header::CONTENT_LENGTH, "99".parse().unwrap());
-        let err = body(Full::new(Bytes::new()), &declared, 5).await.unwrap_err();
+        let err = body(Full::new(Bytes::new()), &declared, 5)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProxyError::BodyTooLarge { .. }));
     }
 }

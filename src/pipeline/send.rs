@@ -66,15 +66,26 @@ impl Sender<'_> {
             attempt += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt_started = Instant::now();
-            let result = match timeout(self.policy.attempt_timeout.min(remaining), self.attempt(out)).await {
+            let result = match timeout(
+                self.policy.attempt_timeout.min(remaining),
+                self.attempt(out),
+            )
+            .await
+            {
                 Ok(result) => result,
                 Err(_) => Err(AttemptFailure::Timeout),
             };
-            self.metrics.attempt(Some(self.endpoint), attempt_started.elapsed());
+            self.metrics
+                .attempt(Some(self.endpoint), attempt_started.elapsed());
 
             let (failure, answer) = match result {
                 Ok(sent) => match self.verdict(&sent) {
-                    None => return Ok(Sent { attempts: attempt, ..sent }),
+                    None => {
+                        return Ok(Sent {
+                            attempts: attempt,
+                            ..sent
+                        })
+                    }
                     Some(failure) => (failure, Some(sent)),
                 },
                 Err(failure) => (failure, None),
@@ -85,20 +96,40 @@ impl Sender<'_> {
             if !fits {
                 tracing::debug!(attempt, reason = failure.label(), "giving up");
                 return match answer {
-                    Some(sent) => Ok(Sent { attempts: attempt, ..sent }),
-                    None => Err(ProxyError::UpstreamUnreachable { attempts: attempt, last: failure }),
+                    Some(sent) => Ok(Sent {
+                        attempts: attempt,
+                        ..sent
+                    }),
+                    None => Err(ProxyError::UpstreamUnreachable {
+                        attempts: attempt,
+                        last: failure,
+                    }),
                 };
             }
             if !self.budget.try_withdraw() {
                 self.metrics.retry_budget_exhausted();
-                tracing::warn!(attempt, reason = failure.label(), "retry budget exhausted, not retrying");
+                tracing::warn!(
+                    attempt,
+                    reason = failure.label(),
+                    "retry budget exhausted, not retrying"
+                );
                 return match answer {
-                    Some(sent) => Ok(Sent { attempts: attempt, ..sent }),
-                    None => Err(ProxyError::UpstreamUnreachable { attempts: attempt, last: failure }),
+                    Some(sent) => Ok(Sent {
+                        attempts: attempt,
+                        ..sent
+                    }),
+                    None => Err(ProxyError::UpstreamUnreachable {
+                        attempts: attempt,
+                        last: failure,
+                    }),
                 };
             }
             self.metrics.retry(failure);
-            tracing::debug!(attempt, reason = failure.label(), "retrying with the same key");
+            tracing::debug!(
+                attempt,
+                reason = failure.label(),
+                "retrying with the same key"
+            );
             tokio::time::sleep(wait.unwrap_or_default()).await;
         }
     }
@@ -121,7 +152,12 @@ impl Sender<'_> {
             .await
             .map_err(|_| AttemptFailure::Reset)?
             .to_bytes();
-        Ok(Sent { status: parts.status, headers: parts.headers, body, attempts: 0 })
+        Ok(Sent {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            attempts: 0,
+        })
     }
 
     /// `None`: an answer to give the bot. `Some`: a failure that a retry may fix.
@@ -129,7 +165,10 @@ impl Sender<'_> {
         if sent.status.is_server_error() {
             return Some(AttemptFailure::ServerError);
         }
-        if sent.status == StatusCode::TOO_MANY_REQUESTS && self.policy.retry_on_429 && !is_monthly_limit(&sent.body) {
+        if sent.status == StatusCode::TOO_MANY_REQUESTS
+            && self.policy.retry_on_429
+            && !is_monthly_limit(&sent.body)
+        {
             return Some(AttemptFailure::RateLimited);
         }
         None
@@ -149,7 +188,9 @@ impl Sender<'_> {
         }
         let jittered = backoff.delay(attempt, rng);
         if failure == AttemptFailure::RateLimited {
-            let asked = answer.and_then(|a| retry_after(&a.headers)).unwrap_or_default();
+            let asked = answer
+                .and_then(|a| retry_after(&a.headers))
+                .unwrap_or_default();
             return Some(jittered.max(asked));
         }
         Some(jittered)
@@ -158,7 +199,8 @@ impl Sender<'_> {
 
 fn is_monthly_limit(body: &[u8]) -> bool {
     // The only documented way to tell the two 429s apart is the message text.
-    body.windows(b"monthly limit".len()).any(|w| w.eq_ignore_ascii_case(b"monthly limit"))
+    body.windows(b"monthly limit".len())
+        .any(|w| w.eq_ignore_ascii_case(b"monthly limit"))
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -172,8 +214,12 @@ mod tests {
 
     #[test]
     fn monthly_limit_is_told_apart() {
-        assert!(is_monthly_limit(br#"{"message":"You have reached your monthly limit."}"#));
-        assert!(!is_monthly_limit(br#"{"message":"The API rate limit has been exceeded. Try again later."}"#));
+        assert!(is_monthly_limit(
+            br#"{"message":"You have reached your monthly limit."}"#
+        ));
+        assert!(!is_monthly_limit(
+            br#"{"message":"The API rate limit has been exceeded. Try again later."}"#
+        ));
     }
 
     #[test]
@@ -181,7 +227,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(http::header::RETRY_AFTER, "3".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert(http::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            http::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), None);
     }
 }

@@ -24,8 +24,12 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-line-request-id");
 pub const ACCEPTED_REQUEST_ID: HeaderName = HeaderName::from_static("x-line-accepted-request-id");
 
 /// LINE's headers worth keeping with an answer; everything else is per-connection.
-const KEPT_HEADERS: [HeaderName; 4] =
-    [CONTENT_TYPE, REQUEST_ID, ACCEPTED_REQUEST_ID, http::header::RETRY_AFTER];
+const KEPT_HEADERS: [HeaderName; 4] = [
+    CONTENT_TYPE,
+    REQUEST_ID,
+    ACCEPTED_REQUEST_ID,
+    http::header::RETRY_AFTER,
+];
 
 pub struct Settled {
     pub answer: Arc<Answer>,
@@ -38,8 +42,19 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
         Ok(sent) => sent,
         Err(err) => {
             let (status, headers, body) = error_parts(&err);
-            let answer = Answer { status, headers, body, key, outcome: Outcome::Error, attempts: attempts_of(&err), upstream_status: None };
-            return Settled { answer: Arc::new(answer), keep: false };
+            let answer = Answer {
+                status,
+                headers,
+                body,
+                key,
+                outcome: Outcome::Error,
+                attempts: attempts_of(&err),
+                upstream_status: None,
+            };
+            return Settled {
+                answer: Arc::new(answer),
+                keep: false,
+            };
         }
     };
     let upstream_status = Some(sent.status);
@@ -58,12 +73,19 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
                 attempts: sent.attempts,
                 upstream_status,
             };
-            return Settled { answer: Arc::new(answer), keep: true };
+            return Settled {
+                answer: Arc::new(answer),
+                keep: true,
+            };
         }
     }
 
     let keep = sent.status.is_success();
-    let outcome = if sent.status.is_server_error() { Outcome::Error } else { Outcome::Fresh };
+    let outcome = if sent.status.is_server_error() {
+        Outcome::Error
+    } else {
+        Outcome::Fresh
+    };
     let answer = Answer {
         status: sent.status,
         headers: kept_headers(&sent.headers),
@@ -73,7 +95,10 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
         attempts: sent.attempts,
         upstream_status,
     };
-    Settled { answer: Arc::new(answer), keep }
+    Settled {
+        answer: Arc::new(answer),
+        keep,
+    }
 }
 
 fn attempts_of(err: &ProxyError) -> u32 {
@@ -115,7 +140,12 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, "new-id".parse().unwrap());
         headers.insert(ACCEPTED_REQUEST_ID, "first-id".parse().unwrap());
-        Sent { status: StatusCode::CONFLICT, headers, body: Bytes::from_static(body.as_bytes()), attempts: 2 }
+        Sent {
+            status: StatusCode::CONFLICT,
+            headers,
+            body: Bytes::from_static(body.as_bytes()),
+            attempts: 2,
+        }
     }
 
     fn derived() -> RetryKey {
@@ -127,26 +157,37 @@ mod tests {
         let s = settle(
             Endpoint::Push,
             derived(),
-            Ok(conflict(r#"{"message":"The retry key is already accepted","sentMessages":[{"id":"1","quoteToken":"q"}]}"#)),
+            Ok(conflict(
+                r#"{"message":"The retry key is already accepted","sentMessages":[{"id":"1","quoteToken":"q"}]}"#,
+            )),
         );
         assert!(s.keep);
         assert_eq!(s.answer.status, StatusCode::OK);
         assert_eq!(s.answer.outcome, Outcome::ConflictResolved);
         assert_eq!(s.answer.headers[REQUEST_ID], "first-id");
         let body: serde_json::Value = serde_json::from_slice(&s.answer.body).unwrap();
-        assert_eq!(body, serde_json::json!({"sentMessages":[{"id":"1","quoteToken":"q"}]}));
+        assert_eq!(
+            body,
+            serde_json::json!({"sentMessages":[{"id":"1","quoteToken":"q"}]})
+        );
     }
 
     #[test]
     fn conflict_on_narrowcast_becomes_202() {
-        let s = settle(Endpoint::Narrowcast, derived(), Ok(conflict(r#"{"message":"x"}"#)));
+        let s = settle(
+            Endpoint::Narrowcast,
+            derived(),
+            Ok(conflict(r#"{"message":"x"}"#)),
+        );
         assert_eq!(s.answer.status, StatusCode::ACCEPTED);
         assert_eq!(s.answer.body, "{}");
     }
 
     #[test]
     fn conflict_on_a_client_key_is_left_alone() {
-        let key = RetryKey::Client(HeaderValue::from_static("123e4567-e89b-12d3-a456-426614174000"));
+        let key = RetryKey::Client(HeaderValue::from_static(
+            "123e4567-e89b-12d3-a456-426614174000",
+        ));
         let s = settle(Endpoint::Push, key, Ok(conflict("{}")));
         assert_eq!(s.answer.status, StatusCode::CONFLICT);
         assert!(!s.keep);
@@ -154,13 +195,26 @@ mod tests {
 
     #[test]
     fn only_accepted_answers_are_kept() {
-        let ok = Sent { status: StatusCode::OK, headers: HeaderMap::new(), body: Bytes::new(), attempts: 1 };
+        let ok = Sent {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            attempts: 1,
+        };
         assert!(settle(Endpoint::Broadcast, derived(), Ok(ok)).keep);
-        let bad = Sent { status: StatusCode::BAD_GATEWAY, headers: HeaderMap::new(), body: Bytes::new(), attempts: 3 };
+        let bad = Sent {
+            status: StatusCode::BAD_GATEWAY,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            attempts: 3,
+        };
         let s = settle(Endpoint::Broadcast, derived(), Ok(bad));
         assert!(!s.keep);
         assert_eq!(s.answer.outcome, Outcome::Error);
-        let err = ProxyError::UpstreamUnreachable { attempts: 4, last: AttemptFailure::Timeout };
+        let err = ProxyError::UpstreamUnreachable {
+            attempts: 4,
+            last: AttemptFailure::Timeout,
+        };
         let s = settle(Endpoint::Broadcast, derived(), Err(err));
         assert!(!s.keep);
         assert_eq!(s.answer.status, StatusCode::GATEWAY_TIMEOUT);

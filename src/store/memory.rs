@@ -42,7 +42,13 @@ impl moka::Expiry<Fingerprint, Slot> for PerEntryTtl {
         Some(slot.ttl())
     }
 
-    fn expire_after_update(&self, _: &Fingerprint, slot: &Slot, _: Instant, _: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        _: &Fingerprint,
+        slot: &Slot,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(slot.ttl())
     }
 }
@@ -65,17 +71,21 @@ impl MemoryStore {
             })
             .expire_after(PerEntryTtl)
             .build();
-        MemoryStore { cache, next_owner: AtomicU64::new(1) }
+        MemoryStore {
+            cache,
+            next_owner: AtomicU64::new(1),
+        }
     }
 
     fn claim_now(&self, fp: Fingerprint, lease: Duration) -> Claim {
         let owner = self.next_owner.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         // The entry API inserts atomically: exactly one caller sees `is_fresh`.
-        let entry = self
-            .cache
-            .entry(fp)
-            .or_insert_with(|| Slot::InFlight { owner, answer: rx, lease });
+        let entry = self.cache.entry(fp).or_insert_with(|| Slot::InFlight {
+            owner,
+            answer: rx,
+            lease,
+        });
         if entry.is_fresh() {
             return Claim::Owner(Box::new(MemoryTicket {
                 cache: self.cache.clone(),
@@ -88,7 +98,11 @@ impl MemoryStore {
             Slot::Done { answer, .. } => Claim::Done(answer),
             Slot::InFlight { mut answer, .. } => Claim::InFlight(Box::pin(async move {
                 // An error means the owner's sender is gone without an answer.
-                answer.wait_for(Option::is_some).await.ok().and_then(|a| a.clone())
+                answer
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|a| a.clone())
             })),
         }
     }
@@ -103,7 +117,10 @@ impl Store for MemoryStore {
     fn stats(&self) -> StoreStats {
         // moka counts lazily; settle pending work so a scrape sees what is held now.
         self.cache.run_pending_tasks();
-        StoreStats { entries: self.cache.entry_count(), bytes: self.cache.weighted_size() }
+        StoreStats {
+            entries: self.cache.entry_count(),
+            bytes: self.cache.weighted_size(),
+        }
     }
 }
 
@@ -119,18 +136,30 @@ impl MemoryTicket {
     /// taken by another request since).
     fn release(&self) {
         let owner = self.owner;
-        self.cache.entry(self.fp).and_compute_with(|current| match current.map(|e| e.into_value()) {
-            Some(Slot::InFlight { owner: o, .. }) if o == owner => Op::Remove,
-            _ => Op::Nop,
+        self.cache.entry(self.fp).and_compute_with(|current| {
+            match current.map(|e| e.into_value()) {
+                Some(Slot::InFlight { owner: o, .. }) if o == owner => Op::Remove,
+                _ => Op::Nop,
+            }
         });
     }
 }
 
 impl Ticket for MemoryTicket {
-    fn settle(mut self: Box<Self>, answer: Arc<Answer>, keep_for: Option<Duration>) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn settle(
+        mut self: Box<Self>,
+        answer: Arc<Answer>,
+        keep_for: Option<Duration>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
         // Store before publishing: whoever is woken, or arrives next, must find the answer.
         match keep_for {
-            Some(keep_for) => self.cache.insert(self.fp, Slot::Done { answer: answer.clone(), keep_for }),
+            Some(keep_for) => self.cache.insert(
+                self.fp,
+                Slot::Done {
+                    answer: answer.clone(),
+                    keep_for,
+                },
+            ),
             None => self.release(),
         }
         if let Some(tx) = self.tx.take() {
@@ -177,20 +206,36 @@ mod tests {
     #[tokio::test]
     async fn first_claims_then_others_wait_then_replay() {
         let store = MemoryStore::new(1 << 20);
-        let Claim::Owner(ticket) = claim(&store, 1).await else { panic!("first must own") };
-        let Claim::InFlight(waiting) = claim(&store, 1).await else { panic!("second must wait") };
-        assert!(matches!(claim(&store, 2).await, Claim::Owner(_)), "other fingerprints are independent");
-        ticket.settle(answer("first"), Some(Duration::from_secs(60))).await.unwrap();
+        let Claim::Owner(ticket) = claim(&store, 1).await else {
+            panic!("first must own")
+        };
+        let Claim::InFlight(waiting) = claim(&store, 1).await else {
+            panic!("second must wait")
+        };
+        assert!(
+            matches!(claim(&store, 2).await, Claim::Owner(_)),
+            "other fingerprints are independent"
+        );
+        ticket
+            .settle(answer("first"), Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
         assert_eq!(waiting.await.unwrap().body, "first");
-        let Claim::Done(replayed) = claim(&store, 1).await else { panic!("must replay") };
+        let Claim::Done(replayed) = claim(&store, 1).await else {
+            panic!("must replay")
+        };
         assert_eq!(replayed.body, "first");
     }
 
     #[tokio::test]
     async fn unstored_answer_reaches_waiters_but_is_not_replayed() {
         let store = MemoryStore::new(1 << 20);
-        let Claim::Owner(ticket) = claim(&store, 1).await else { panic!() };
-        let Claim::InFlight(waiting) = claim(&store, 1).await else { panic!() };
+        let Claim::Owner(ticket) = claim(&store, 1).await else {
+            panic!()
+        };
+        let Claim::InFlight(waiting) = claim(&store, 1).await else {
+            panic!()
+        };
         ticket.settle(answer("502"), None).await.unwrap();
         assert_eq!(waiting.await.unwrap().body, "502");
         assert!(matches!(claim(&store, 1).await, Claim::Owner(_)));
@@ -199,8 +244,12 @@ mod tests {
     #[tokio::test]
     async fn dropped_ticket_releases_waiters() {
         let store = MemoryStore::new(1 << 20);
-        let Claim::Owner(ticket) = claim(&store, 1).await else { panic!() };
-        let Claim::InFlight(waiting) = claim(&store, 1).await else { panic!() };
+        let Claim::Owner(ticket) = claim(&store, 1).await else {
+            panic!()
+        };
+        let Claim::InFlight(waiting) = claim(&store, 1).await else {
+            panic!()
+        };
         drop(ticket);
         assert!(waiting.await.is_none());
         assert!(matches!(claim(&store, 1).await, Claim::Owner(_)));
@@ -209,8 +258,13 @@ mod tests {
     #[tokio::test]
     async fn entries_expire_after_their_own_window() {
         let store = MemoryStore::new(1 << 20);
-        let Claim::Owner(ticket) = claim(&store, 1).await else { panic!() };
-        ticket.settle(answer("x"), Some(Duration::from_millis(1))).await.unwrap();
+        let Claim::Owner(ticket) = claim(&store, 1).await else {
+            panic!()
+        };
+        ticket
+            .settle(answer("x"), Some(Duration::from_millis(1)))
+            .await
+            .unwrap();
         // moka expires on its own clock, which a test cannot advance: poll it, bounded.
         let give_up = Instant::now() + Duration::from_secs(5);
         while matches!(claim(&store, 1).await, Claim::Done(_)) {
@@ -223,8 +277,12 @@ mod tests {
     async fn bounded_by_bytes() {
         let store = MemoryStore::new(64 * 1024);
         for i in 0..=255u8 {
-            let Claim::Owner(t) = claim(&store, i).await else { panic!() };
-            t.settle(answer(vec![b'x'; 1024]), Some(LEASE)).await.unwrap();
+            let Claim::Owner(t) = claim(&store, i).await else {
+                panic!()
+            };
+            t.settle(answer(vec![b'x'; 1024]), Some(LEASE))
+                .await
+                .unwrap();
         }
         store.cache.run_pending_tasks();
         assert!(store.stats().bytes <= 64 * 1024, "{:?}", store.stats());

@@ -46,7 +46,11 @@ pub struct Answer {
 impl Answer {
     /// Bytes this answer holds, for the store's memory bound.
     pub fn weight(&self) -> usize {
-        let headers: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
         std::mem::size_of::<Answer>() + headers + self.body.len()
     }
 }
@@ -66,7 +70,11 @@ pub enum Claim {
 pub trait Ticket: Send {
     /// Publishes `answer` to everyone waiting on this fingerprint and, when `keep_for`
     /// is set, keeps it for replay that long.
-    fn settle(self: Box<Self>, answer: Arc<Answer>, keep_for: Option<Duration>) -> BoxFuture<'static, Result<(), StoreError>>;
+    fn settle(
+        self: Box<Self>,
+        answer: Arc<Answer>,
+        keep_for: Option<Duration>,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

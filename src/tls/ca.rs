@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SerialNumber,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -29,7 +29,10 @@ const FORBIDDEN_KEY_BITS: u32 = 0o037;
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} exists but {missing} does not: restore it, or remove both to create a new CA")]
     Incomplete { path: PathBuf, missing: PathBuf },
     #[error("{path} is accessible to others (mode {mode:o}): run chmod 600 on it")]
@@ -54,7 +57,9 @@ pub struct CertificateAuthority {
 
 impl fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertificateAuthority").field("key", &"***").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .field("key", &"***")
+            .finish_non_exhaustive()
     }
 }
 
@@ -82,14 +87,23 @@ impl CertificateAuthority {
                     .recursive(true)
                     .mode(0o700)
                     .create(dir)
-                    .map_err(|source| CaError::Io { path: dir.to_owned(), source })?;
+                    .map_err(|source| CaError::Io {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
                 // Key first: a crash between the two leaves no certificate without its key.
                 write_atomically(&key_path, ca.key.serialize_pem().as_bytes(), 0o600)?;
                 write_atomically(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
                 Ok(ca)
             }
-            (true, false) => Err(CaError::Incomplete { path: cert_path, missing: key_path }),
-            (false, true) => Err(CaError::Incomplete { path: key_path, missing: cert_path }),
+            (true, false) => Err(CaError::Incomplete {
+                path: cert_path,
+                missing: key_path,
+            }),
+            (false, true) => Err(CaError::Incomplete {
+                path: key_path,
+                missing: cert_path,
+            }),
         }
     }
 
@@ -108,17 +122,29 @@ impl CertificateAuthority {
         // Re-signing the parsed parameters gives rcgen an issuer with the original
         // subject and key identifier; leaves it signs chain to the original ca.pem.
         let issuer = params.self_signed(&key)?;
-        Ok(CertificateAuthority { cert_pem: cert_pem.to_owned(), cert_der, issuer, key })
+        Ok(CertificateAuthority {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            issuer,
+            key,
+        })
     }
 
     fn generate() -> Result<Self, CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, "line-retry-proxy intercept CA");
-        params.distinguished_name.push(DnType::OrganizationName, "line-retry-proxy");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "line-retry-proxy intercept CA");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "line-retry-proxy");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = SystemTime::now();
         params.not_before = (now - CLOCK_SKEW).into();
         params.not_after = (now + CA_VALIDITY).into();
@@ -126,7 +152,12 @@ impl CertificateAuthority {
         let issuer = params.self_signed(&key)?;
         let cert_pem = issuer.pem();
         let cert_der = issuer.der().clone();
-        Ok(CertificateAuthority { cert_pem, cert_der, issuer, key })
+        Ok(CertificateAuthority {
+            cert_pem,
+            cert_der,
+            issuer,
+            key,
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -169,31 +200,56 @@ fn random_serial() -> SerialNumber {
 fn check_key_matches(cert: &CertificateDer<'static>, key: &KeyPair) -> Result<(), CaError> {
     let provider = rustls::crypto::ring::default_provider();
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing = provider.key_provider.load_private_key(der).map_err(|e| CaError::Invalid(format!("key: {e}")))?;
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| CaError::Invalid(format!("key: {e}")))?;
     rustls::sign::CertifiedKey::new(vec![cert.clone()], signing)
         .keys_match()
         .map_err(|_| CaError::KeyMismatch)
 }
 
 fn check_key_permissions(path: &Path) -> Result<(), CaError> {
-    let mode = fs::metadata(path).map_err(|source| CaError::Io { path: path.to_owned(), source })?.permissions().mode();
+    let mode = fs::metadata(path)
+        .map_err(|source| CaError::Io {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
     if mode & FORBIDDEN_KEY_BITS != 0 {
-        return Err(CaError::KeyPermissions { path: path.to_owned(), mode: mode & 0o777 });
+        return Err(CaError::KeyPermissions {
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
     }
     Ok(())
 }
 
 fn read(path: &Path) -> Result<String, CaError> {
-    fs::read_to_string(path).map_err(|source| CaError::Io { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes to a temporary name in the same directory, then renames: a crash never
 /// leaves a half-written file under the real name.
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let io = |source| CaError::Io { path: path.to_owned(), source };
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io)?;
-    file.write_all(contents).and_then(|()| file.sync_all()).map_err(io)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io)?;
     fs::rename(&tmp, path).map_err(io)
 }
 
@@ -204,14 +260,22 @@ mod tests {
     fn temp_dir() -> PathBuf {
         let mut bytes = [0u8; 8];
         fastrand::fill(&mut bytes);
-        std::env::temp_dir().join(format!("lrp-ca-test-{}-{:x}", std::process::id(), u64::from_le_bytes(bytes)))
+        std::env::temp_dir().join(format!(
+            "lrp-ca-test-{}-{:x}",
+            std::process::id(),
+            u64::from_le_bytes(bytes)
+        ))
     }
 
     #[test]
     fn created_once_then_loaded() {
         let dir = temp_dir().join("ca");
         let created = CertificateAuthority::load_or_create(&dir).unwrap();
-        let mode = fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(dir.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let loaded = CertificateAuthority::load_or_create(&dir).unwrap();
         assert_eq!(created.cert_pem(), loaded.cert_pem());
@@ -226,7 +290,10 @@ mod tests {
         let err = CertificateAuthority::load_or_create(&dir).unwrap_err();
         assert!(matches!(err, CaError::KeyPermissions { .. }), "{err}");
         fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o440)).unwrap();
-        assert!(CertificateAuthority::load_or_create(&dir).is_ok(), "group-read is tolerated");
+        assert!(
+            CertificateAuthority::load_or_create(&dir).is_ok(),
+            "group-read is tolerated"
+        );
         fs::remove_file(dir.join(KEY_FILE)).unwrap();
         let err = CertificateAuthority::load_or_create(&dir).unwrap_err();
         assert!(err.to_string().contains("ca.key"), "{err}");
@@ -240,8 +307,12 @@ mod tests {
         let err = CertificateAuthority::from_pem(a.cert_pem(), &b.key.serialize_pem()).unwrap_err();
         assert!(matches!(err, CaError::KeyMismatch), "{err}");
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["x.test".to_owned()]).unwrap().self_signed(&leaf_key).unwrap();
-        let err = CertificateAuthority::from_pem(&leaf.pem(), &leaf_key.serialize_pem()).unwrap_err();
+        let leaf = CertificateParams::new(vec!["x.test".to_owned()])
+            .unwrap()
+            .self_signed(&leaf_key)
+            .unwrap();
+        let err =
+            CertificateAuthority::from_pem(&leaf.pem(), &leaf_key.serialize_pem()).unwrap_err();
         assert!(matches!(err, CaError::NotACa), "{err}");
         assert!(CertificateAuthority::from_pem("garbage", "garbage").is_err());
     }
@@ -249,8 +320,12 @@ mod tests {
     #[test]
     fn leaves_have_their_own_key_and_chain_to_the_ca() {
         let ca = CertificateAuthority::generate().unwrap();
-        let a = ca.issue_leaf("api.line.me", Duration::from_secs(3600)).unwrap();
-        let b = ca.issue_leaf("api.line.me", Duration::from_secs(3600)).unwrap();
+        let a = ca
+            .issue_leaf("api.line.me", Duration::from_secs(3600))
+            .unwrap();
+        let b = ca
+            .issue_leaf("api.line.me", Duration::from_secs(3600))
+            .unwrap();
         assert_eq!(a.chain.len(), 2);
         assert_eq!(&a.chain[1], ca.cert_der());
         assert_ne!(a.key.secret_der(), b.key.secret_der());

@@ -33,16 +33,22 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(target: UpstreamTarget, extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<Self, UpstreamError> {
+    pub fn new(
+        target: UpstreamTarget,
+        extra_ca: Option<&Path>,
+        connect_timeout: Duration,
+    ) -> Result<Self, UpstreamError> {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = extra_ca {
             add_pem_roots(&mut roots, path)?;
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -65,29 +71,47 @@ impl Upstream {
 
     /// The upstream URI for a request's own path and query.
     pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        build_uri(self.target.scheme.clone(), self.target.authority.clone(), path_and_query)
+        build_uri(
+            self.target.scheme.clone(),
+            self.target.authority.clone(),
+            path_and_query,
+        )
     }
 
     pub fn target(&self) -> &UpstreamTarget {
         &self.target
     }
 
-    pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    pub async fn request(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         self.client.request(req).await
     }
 }
 
-pub fn build_uri(scheme: Scheme, authority: http::uri::Authority, path_and_query: Option<&PathAndQuery>) -> Uri {
+pub fn build_uri(
+    scheme: Scheme,
+    authority: http::uri::Authority,
+    path_and_query: Option<&PathAndQuery>,
+) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(scheme);
     parts.authority = Some(authority);
-    parts.path_and_query = Some(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    parts.path_and_query = Some(
+        path_and_query
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
     // Scheme, authority and path all came from parsed values, so the parts are valid.
     Uri::from_parts(parts).unwrap_or_default()
 }
 
 fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), UpstreamError> {
-    let err = |reason: String| UpstreamError::Ca { path: path.display().to_string(), reason };
+    let err = |reason: String| UpstreamError::Ca {
+        path: path.display().to_string(),
+        reason,
+    };
     let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
     let mut added = 0;
     for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {

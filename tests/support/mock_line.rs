@@ -43,7 +43,9 @@ pub enum Fault {
     AcceptThenHang,
     /// Drop the connection without an answer (a RST: sockets have SO_LINGER 0).
     Reset,
-    RateLimited { retry_after: Option<u64> },
+    RateLimited {
+        retry_after: Option<u64>,
+    },
     MonthlyLimit,
     /// Wait, then behave normally.
     Delay(Duration),
@@ -149,9 +151,20 @@ impl MockLine {
             next_id: AtomicU64::new(1),
             stop: CancellationToken::new(),
         });
-        let acceptor = tls.then(|| tokio_rustls::TlsAcceptor::from(pki.server_config(&["127.0.0.1", "localhost", "api.line.me"])));
+        let acceptor = tls.then(|| {
+            tokio_rustls::TlsAcceptor::from(pki.server_config(&[
+                "127.0.0.1",
+                "localhost",
+                "api.line.me",
+            ]))
+        });
         tokio::spawn(accept_loop(listener, acceptor, state.clone()));
-        MockLine { addr, pki, tls, state }
+        MockLine {
+            addr,
+            pki,
+            tls,
+            state,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -159,7 +172,11 @@ impl MockLine {
     }
 
     pub fn url(&self) -> String {
-        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
     }
 
     pub fn ca_path(&self) -> &Path {
@@ -188,7 +205,10 @@ impl MockLine {
 
     pub async fn wait_requests(&self, n: usize) {
         let mut arrived = self.state.arrived.subscribe();
-        arrived.wait_for(|count| *count >= n).await.expect("mock alive");
+        arrived
+            .wait_for(|count| *count >= n)
+            .await
+            .expect("mock alive");
     }
 
     pub fn connections(&self) -> usize {
@@ -196,7 +216,11 @@ impl MockLine {
     }
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: Option<tokio_rustls::TlsAcceptor>, state: Arc<State>) {
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = state.stop.cancelled() => return,
@@ -238,22 +262,44 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<tokio_rustls::TlsAc
 fn json_answer(status: StatusCode, request_id: &str, body: Value) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
     *res.status_mut() = status;
-    res.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
-    res.headers_mut().insert("x-line-request-id", HeaderValue::from_str(request_id).expect("ascii id"));
+    res.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(
+        "x-line-request-id",
+        HeaderValue::from_str(request_id).expect("ascii id"),
+    );
     res
 }
 
 fn is_uuid(key: &str) -> bool {
     let groups: Vec<&str> = key.split('-').collect();
-    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]) && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Answer {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let retry_key = parts.headers.get("x-line-retry-key").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let authorization = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let retry_key = parts
+        .headers
+        .get("x-line-retry-key")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let authorization = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let recorded = Recorded {
         method: parts.method.to_string(),
         path: path.clone(),
@@ -277,7 +323,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Answer {
         let headers: serde_json::Map<String, Value> = parts
             .headers
             .iter()
-            .map(|(k, v)| (k.to_string(), Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                )
+            })
             .collect();
         return Ok(json_answer(
             StatusCode::OK,
@@ -285,36 +336,75 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Answer {
             json!({"method": parts.method.as_str(), "path": path, "headers": headers, "body_len": body.len()}),
         ));
     }
-    if !authorization.as_deref().is_some_and(|a| a.starts_with("Bearer ")) {
-        return Ok(json_answer(StatusCode::UNAUTHORIZED, &id, json!({"message": "Authentication failed. Confirm that the access token in the authorization header is valid."})));
+    if !authorization
+        .as_deref()
+        .is_some_and(|a| a.starts_with("Bearer "))
+    {
+        return Ok(json_answer(
+            StatusCode::UNAUTHORIZED,
+            &id,
+            json!({"message": "Authentication failed. Confirm that the access token in the authorization header is valid."}),
+        ));
     }
     if let Some(key) = &retry_key {
         if !is_uuid(key) {
-            return Ok(json_answer(StatusCode::BAD_REQUEST, &id, json!({"message": "The value for the 'X-Line-Retry-Key' header is invalid"})));
+            return Ok(json_answer(
+                StatusCode::BAD_REQUEST,
+                &id,
+                json!({"message": "The value for the 'X-Line-Retry-Key' header is invalid"}),
+            ));
         }
         if !keyed {
-            return Ok(json_answer(StatusCode::BAD_REQUEST, &id, json!({"message": "The retry key is not supported for this endpoint"})));
+            return Ok(json_answer(
+                StatusCode::BAD_REQUEST,
+                &id,
+                json!({"message": "The retry key is not supported for this endpoint"}),
+            ));
         }
     }
     if !keyed {
-        return Ok(other_endpoint(&state, &parts.method, bare_path, &id, &body, authorization));
+        return Ok(other_endpoint(
+            &state,
+            &parts.method,
+            bare_path,
+            &id,
+            &body,
+            authorization,
+        ));
     }
 
     let fault = state.log().faults.pop_front();
-    let accept = |state: &State| accept(state, bare_path, &id, &body, retry_key.clone(), authorization.clone());
+    let accept = |state: &State| {
+        accept(
+            state,
+            bare_path,
+            &id,
+            &body,
+            retry_key.clone(),
+            authorization.clone(),
+        )
+    };
     match fault {
         None => Ok(accept(&state)),
         Some(Fault::Delay(d)) => {
             tokio::time::sleep(d).await;
             Ok(accept(&state))
         }
-        Some(Fault::Status(code)) => Ok(json_answer(status(code), &id, json!({"message": "An error occurred in the mock"}))),
+        Some(Fault::Status(code)) => Ok(json_answer(
+            status(code),
+            &id,
+            json!({"message": "An error occurred in the mock"}),
+        )),
         Some(Fault::AcceptThenStatus(code)) => {
             let answer = accept(&state);
             if answer.status() == StatusCode::CONFLICT {
                 return Ok(answer);
             }
-            Ok(json_answer(status(code), &id, json!({"message": "An error occurred in the mock"})))
+            Ok(json_answer(
+                status(code),
+                &id,
+                json!({"message": "An error occurred in the mock"}),
+            ))
         }
         Some(Fault::Hang) => hang(&state).await,
         Some(Fault::AcceptThenHang) => {
@@ -326,13 +416,22 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Answer {
         }
         Some(Fault::Reset) => Err(DropConnection),
         Some(Fault::RateLimited { retry_after }) => {
-            let mut res = json_answer(StatusCode::TOO_MANY_REQUESTS, &id, json!({"message": "The API rate limit has been exceeded. Try again later."}));
+            let mut res = json_answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                &id,
+                json!({"message": "The API rate limit has been exceeded. Try again later."}),
+            );
             if let Some(secs) = retry_after {
-                res.headers_mut().insert("retry-after", HeaderValue::from(secs));
+                res.headers_mut()
+                    .insert("retry-after", HeaderValue::from(secs));
             }
             Ok(res)
         }
-        Some(Fault::MonthlyLimit) => Ok(json_answer(StatusCode::TOO_MANY_REQUESTS, &id, json!({"message": "You have reached your monthly limit."}))),
+        Some(Fault::MonthlyLimit) => Ok(json_answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            &id,
+            json!({"message": "You have reached your monthly limit."}),
+        )),
     }
 }
 
@@ -347,9 +446,19 @@ async fn hang(state: &State) -> Answer {
 
 /// LINE's acceptance: the first success consumes the key; a later use gets 409 with
 /// the accepted request's id (and, for push, its sentMessages).
-fn accept(state: &State, path: &str, id: &str, body: &Bytes, key: Option<String>, authorization: Option<String>) -> Response<Full<Bytes>> {
+fn accept(
+    state: &State,
+    path: &str,
+    id: &str,
+    body: &Bytes,
+    key: Option<String>,
+    authorization: Option<String>,
+) -> Response<Full<Bytes>> {
     let mut log = state.log();
-    let scope = (authorization.clone().unwrap_or_default(), key.clone().unwrap_or_default());
+    let scope = (
+        authorization.clone().unwrap_or_default(),
+        key.clone().unwrap_or_default(),
+    );
     if key.is_some() {
         if let Some(accepted) = log.accepted.get(&scope) {
             let mut answer = json!({"message": "The retry key is already accepted"});
@@ -357,7 +466,10 @@ fn accept(state: &State, path: &str, id: &str, body: &Bytes, key: Option<String>
                 answer["sentMessages"] = sent.clone();
             }
             let mut res = json_answer(StatusCode::CONFLICT, id, answer);
-            res.headers_mut().insert("x-line-accepted-request-id", HeaderValue::from_str(&accepted.request_id).expect("ascii id"));
+            res.headers_mut().insert(
+                "x-line-accepted-request-id",
+                HeaderValue::from_str(&accepted.request_id).expect("ascii id"),
+            );
             return res;
         }
     }
@@ -372,14 +484,24 @@ fn accept(state: &State, path: &str, id: &str, body: &Bytes, key: Option<String>
                 json!({"id": format!("{}", 500_000_000_000_000u64 + n), "quoteToken": format!("q{n}")})
             })
             .collect();
-        (StatusCode::OK, json!({"sentMessages": sent}), Some(Value::Array(sent)))
+        (
+            StatusCode::OK,
+            json!({"sentMessages": sent}),
+            Some(Value::Array(sent)),
+        )
     } else if path == "/v2/bot/message/narrowcast" {
         (StatusCode::ACCEPTED, json!({}), None)
     } else {
         (StatusCode::OK, json!({}), None)
     };
     if key.is_some() {
-        log.accepted.insert(scope, Accepted { request_id: id.to_owned(), sent_messages });
+        log.accepted.insert(
+            scope,
+            Accepted {
+                request_id: id.to_owned(),
+                sent_messages,
+            },
+        );
     }
     log.deliveries.push(Delivery {
         path: path.to_owned(),
@@ -410,15 +532,26 @@ fn other_endpoint(
             });
             json_answer(StatusCode::OK, id, json!({}))
         }
-        (&Method::GET, "/v2/bot/info") => {
-            json_answer(StatusCode::OK, id, json!({"userId": "Ubot", "basicId": "@bot", "displayName": "mock"}))
+        (&Method::GET, "/v2/bot/info") => json_answer(
+            StatusCode::OK,
+            id,
+            json!({"userId": "Ubot", "basicId": "@bot", "displayName": "mock"}),
+        ),
+        (&Method::GET, "/v2/bot/message/quota") => json_answer(
+            StatusCode::OK,
+            id,
+            json!({"type": "limited", "value": 1000}),
+        ),
+        (&Method::POST, "/v2/bot/message/validate/push") => {
+            json_answer(StatusCode::OK, id, json!({}))
         }
-        (&Method::GET, "/v2/bot/message/quota") => json_answer(StatusCode::OK, id, json!({"type": "limited", "value": 1000})),
-        (&Method::POST, "/v2/bot/message/validate/push") => json_answer(StatusCode::OK, id, json!({})),
         (&Method::GET, p) if p.starts_with("/stream/") => {
             let n: usize = p["/stream/".len()..].parse().unwrap_or(0);
             let mut res = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
-            res.headers_mut().insert("x-line-request-id", HeaderValue::from_str(id).expect("ascii id"));
+            res.headers_mut().insert(
+                "x-line-request-id",
+                HeaderValue::from_str(id).expect("ascii id"),
+            );
             res
         }
         _ => json_answer(StatusCode::NOT_FOUND, id, json!({"message": "Not found"})),

@@ -40,7 +40,10 @@ static NEXT_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = NEXT_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     let dir = std::env::temp_dir().join(format!("lrp-{tag}-{}-{n}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
@@ -78,7 +81,14 @@ impl Proxy {
         let task = tokio::spawn(app::run(app.clone(), listener, admin, async move {
             let _ = stopped.await;
         }));
-        Proxy { addr, admin: admin_addr, app, ca_dir, stop: Some(stop), task: Some(task) }
+        Proxy {
+            addr,
+            admin: admin_addr,
+            app,
+            ca_dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -103,7 +113,10 @@ impl Proxy {
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .unwrap_or_else(|| panic!("no series {series} in metrics"))
             .parse()
             .unwrap()
@@ -126,11 +139,15 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or_else(|| panic!("no {name} header"))
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or_else(|| panic!("no {name} header"))
     }
 
     pub fn outcome(&self) -> &str {
@@ -138,7 +155,9 @@ impl Reply {
     }
 
     pub fn outcome_or_none(&self) -> Option<&str> {
-        self.headers.get("x-line-retry-proxy").map(|v| v.to_str().unwrap())
+        self.headers
+            .get("x-line-retry-proxy")
+            .map(|v| v.to_str().unwrap())
     }
 }
 
@@ -146,7 +165,12 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -155,7 +179,11 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: imp
     let res = client().request(req).await.expect("proxy answers");
     let (parts, body) = res.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub const TOKEN: &str = "Bearer channel-token-a";
@@ -169,7 +197,10 @@ pub async fn post(proxy: &Proxy, path: &str, token: &str, body: &str) -> Reply {
     send(
         Method::POST,
         &proxy.url(path),
-        &[("authorization", token), ("content-type", "application/json")],
+        &[
+            ("authorization", token),
+            ("content-type", "application/json"),
+        ],
         body.to_owned(),
     )
     .await
@@ -181,5 +212,6 @@ pub async fn get(url: &str) -> (StatusCode, HeaderMap, Bytes) {
 }
 
 pub fn push_body(text: &str) -> String {
-    serde_json::json!({"to": "U4af4980629", "messages": [{"type": "text", "text": text}]}).to_string()
+    serde_json::json!({"to": "U4af4980629", "messages": [{"type": "text", "text": text}]})
+        .to_string()
 }

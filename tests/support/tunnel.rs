@@ -25,16 +25,28 @@ pub async fn connect_raw(proxy: SocketAddr, head: &str) -> (TcpStream, u16, Stri
     let mut byte = [0u8; 1];
     while !answer.ends_with(b"\r\n\r\n") {
         let n = stream.read(&mut byte).await.unwrap();
-        assert!(n > 0, "proxy closed during the CONNECT answer: {:?}", String::from_utf8_lossy(&answer));
+        assert!(
+            n > 0,
+            "proxy closed during the CONNECT answer: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
         answer.push(byte[0]);
     }
     let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
     (stream, status, text)
 }
 
 pub async fn connect(proxy: SocketAddr, target: &str) -> TcpStream {
-    let (stream, status, head) = connect_raw(proxy, &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")).await;
+    let (stream, status, head) = connect_raw(
+        proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+    )
+    .await;
     assert_eq!(status, 200, "{head}");
     stream
 }
@@ -45,18 +57,26 @@ pub fn client_config(ca_pem_path: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientCo
     for cert in rustls_pemfile::certs(&mut &pem[..]) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 
-pub async fn tls(stream: TcpStream, sni: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
+pub async fn tls(
+    stream: TcpStream,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let name = ServerName::try_from(sni.to_owned()).unwrap();
-    tokio_rustls::TlsConnector::from(config).connect(name, stream).await
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
 }
 
 /// One request over an established TLS stream, HTTP/2 if ALPN chose it.
@@ -64,7 +84,9 @@ pub async fn request(stream: TlsStream<TcpStream>, req: Request<Full<Bytes>>) ->
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(stream);
     let res = if h2 {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         sender.send_request(req).await.unwrap()
     } else {
@@ -74,7 +96,11 @@ pub async fn request(stream: TlsStream<TcpStream>, req: Request<Full<Bytes>>) ->
     };
     let (parts, body) = res.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub fn push_request(uri: &str, token: &str, body: &str) -> Request<Full<Bytes>> {
