@@ -145,7 +145,10 @@ async fn push_twice(mode: &'static str, send: fn(&Target, &str, &str) -> Run) {
     );
     if mode.ends_with("-proxy") {
         let handshakes = proxy.metric("line_retry_proxy_tls_handshakes_total").await;
-        assert_eq!(handshakes, 2.0, "{mode}: each run came through CONNECT and the proxy's CA");
+        assert_eq!(
+            handshakes, 2.0,
+            "{mode}: each run came through CONNECT and the proxy's CA"
+        );
     }
 }
 
