@@ -399,3 +399,19 @@ async fn curl_through_the_proxy() {
     assert_eq!(mock.delivered_count(), 1);
     assert!(mock.deliveries()[0].retry_key.is_some());
 }
+
+#[tokio::test]
+async fn shutdown_closes_open_tunnels() {
+    let mock = MockLine::start().await;
+    let mut proxy = Proxy::start(&mock, &["--tunnel-allow=127.0.0.1"]).await;
+    let mut tunnel = connect(proxy.addr, &mock.addr().to_string()).await;
+    while proxy.metric("line_retry_proxy_tunnels_open").await < 1.0 {
+        tokio::task::yield_now().await;
+    }
+    let stopped = proxy.begin_stop();
+    assert!(
+        closed_by_peer(&mut tunnel).await,
+        "the idle tunnel is closed"
+    );
+    assert!(stopped.await.unwrap(), "nothing was left running");
+}

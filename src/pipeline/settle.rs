@@ -63,7 +63,9 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
         if let Some(accepted) = sent.headers.get(&ACCEPTED_REQUEST_ID) {
             let mut headers = HeaderMap::new();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            headers.insert(REQUEST_ID, accepted.clone());
+            if let Ok(accepted) = HeaderValue::from_bytes(accepted.as_bytes()) {
+                headers.insert(REQUEST_ID, accepted);
+            }
             let answer = Answer {
                 status: endpoint.success_status(),
                 headers,
@@ -89,7 +91,12 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
     let answer = Answer {
         status: sent.status,
         headers: kept_headers(&sent.headers),
-        body: sent.body,
+        // Same reason as the headers: the body may be a slice of a larger read buffer.
+        body: if keep {
+            Bytes::copy_from_slice(&sent.body)
+        } else {
+            sent.body
+        },
         key,
         outcome,
         attempts: sent.attempts,
@@ -108,11 +115,15 @@ fn attempts_of(err: &ProxyError) -> u32 {
     }
 }
 
+/// Copies, not clones: a parsed header value is a slice of the connection's whole
+/// read buffer, and a kept answer must not pin that buffer for the dedup window.
 fn kept_headers(from: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
     for name in KEPT_HEADERS {
         if let Some(v) = from.get(&name) {
-            headers.insert(name, v.clone());
+            if let Ok(owned) = HeaderValue::from_bytes(v.as_bytes()) {
+                headers.insert(name, owned);
+            }
         }
     }
     headers
