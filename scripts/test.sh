@@ -5,5 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-sdk-env.sh
 .venv/bin/pip install --quiet --disable-pip-version-check pyyaml
-cargo test --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked 2>&1 | tee "$log"
 .venv/bin/python scripts/check-examples.py target/debug/line-retry-proxy
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

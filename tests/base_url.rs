@@ -571,3 +571,38 @@ async fn health_and_readiness() {
     let (status, _, _) = support::proxy::get(&format!("http://{}/readyz", proxy.admin)).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn malformed_and_truncated_requests_never_reach_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockLine::start().await;
+    let proxy = Proxy::start(&mock, &[]).await;
+
+    let mut garbage = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    garbage
+        .write_all(b"\x00\x01NOT HTTP AT ALL\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    garbage.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let mut truncated = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    truncated
+        .write_all(b"POST /v2/bot/message/push HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Length: 100\r\n\r\n{\"to\":")
+        .await
+        .unwrap();
+    truncated.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = truncated.read_to_end(&mut rest).await;
+
+    assert!(mock.requests().is_empty(), "nothing reached LINE");
+    assert_eq!(
+        push(&proxy, &push_body("still serving")).await.status,
+        StatusCode::OK
+    );
+}
