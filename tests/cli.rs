@@ -150,49 +150,12 @@ fn ca_subcommand_creates_then_reuses_the_ca() {
 #[tokio::test]
 async fn serves_logs_safely_and_stops_on_sigterm() {
     let mock = MockLine::start().await;
-    let ca_dir = temp_dir("ca");
-    let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "--listen=127.0.0.1:0",
-            "--admin-listen=127.0.0.1:0",
-            "--log-format=json",
-            &format!("--upstream={}", mock.url()),
-            &format!("--upstream-ca={}", mock.ca_path().display()),
-            &format!("--ca-dir={}", ca_dir.display()),
-        ])
-        .env("RUST_LOG", "debug")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let ready: serde_json::Value = loop {
-        let line = lines_rx
-            .recv()
-            .await
-            .expect("the proxy logs that it is ready");
-        log.push(line.clone());
-        if line.contains("line-retry-proxy ready") {
-            break serde_json::from_str(&line).expect("json log line");
-        }
-    };
-    let listen = ready["listen"].as_str().unwrap().to_owned();
-    let admin = ready["admin"].as_str().unwrap().to_owned();
+    let mut proxy = Process::start(&mock, &[], &[("RUST_LOG", "debug")]).await;
 
     let secret_text = "a message nobody may log";
     let reply = support::proxy::send(
         http::Method::POST,
-        &format!("http://{listen}/v2/bot/message/push"),
+        &format!("http://{}/v2/bot/message/push", proxy.listen),
         &[("authorization", "Bearer very-secret-token")],
         support::proxy::push_body(secret_text),
     )
@@ -200,6 +163,7 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
     assert_eq!(reply.status, http::StatusCode::OK);
     assert_eq!(mock.delivered_count(), 1);
 
+    let admin = proxy.admin.clone();
     let health = Command::new(BIN)
         .args(["healthcheck", "--admin-listen", &admin])
         .status()
@@ -217,35 +181,30 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
         "{table}"
     );
 
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = child.wait().await.unwrap();
-    assert_eq!(status.code(), Some(0));
-    while let Some(line) = lines_rx.recv().await {
-        log.push(line);
-    }
-    let log = log.join("\n");
+    proxy.signal("-TERM");
+    assert_eq!(proxy.child.wait().await.unwrap().code(), Some(0));
+    let log = proxy.rest_of_log().await;
     let access = log
-        .lines()
+        .iter()
         .find(|l| l.contains("\"outcome\":\"fresh\""))
-        .unwrap_or_else(|| panic!("an access line:\n{log}"));
+        .unwrap_or_else(|| panic!("an access line:\n{}", log.join("\n")));
     let access: serde_json::Value = serde_json::from_str(access).unwrap();
     assert_eq!(access["endpoint"], "push");
     assert_eq!(access["status"], 200);
     assert_eq!(access["attempts"], 1);
     assert_eq!(access["key"].as_str().unwrap().len(), 36);
     assert!(access["latency_ms"].as_f64().is_some());
-    assert!(!log.contains("very-secret-token"), "credential in the log");
-    assert!(!log.contains(secret_text), "message body in the log");
-    let healthcheck_after = Command::new(BIN)
+    let everything = format!("{}\n{}", proxy.seen.join("\n"), log.join("\n"));
+    assert!(
+        !everything.contains("very-secret-token"),
+        "credential in the log"
+    );
+    assert!(!everything.contains(secret_text), "message body in the log");
+    let after = Command::new(BIN)
         .args(["healthcheck", "--admin-listen", &admin])
         .status()
         .unwrap();
-    assert!(!healthcheck_after.success(), "nothing listens after exit");
+    assert!(!after.success(), "nothing listens after exit");
 }
 
 /// A running process picks up a changed retry policy on SIGHUP, keeps its old one when
@@ -260,7 +219,7 @@ async fn sighup_reloads_the_retry_policy() {
         "max-attempts = 1\nretry-base-delay = \"1ms\"\nretry-max-delay = \"2ms\"\n",
     )
     .unwrap();
-    let mut proxy = Process::start(&mock, &[&format!("--config={}", file.display())]).await;
+    let mut proxy = Process::start(&mock, &[&format!("--config={}", file.display())], &[]).await;
 
     mock.script([support::mock_line::Fault::Status(500)]);
     assert_eq!(
@@ -300,11 +259,14 @@ async fn sighup_reloads_the_retry_policy() {
 struct Process {
     child: tokio::process::Child,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Every log line read so far.
+    seen: Vec<String>,
     listen: String,
+    admin: String,
 }
 
 impl Process {
-    async fn start(mock: &MockLine, extra: &[&str]) -> Process {
+    async fn start(mock: &MockLine, extra: &[&str], env: &[(&str, &str)]) -> Process {
         let ca_dir = temp_dir("ca");
         let mut child = tokio::process::Command::new(BIN)
             .args([
@@ -316,6 +278,7 @@ impl Process {
                 &format!("--ca-dir={}", ca_dir.display()),
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -333,10 +296,13 @@ impl Process {
         let mut process = Process {
             child,
             lines,
+            seen: Vec::new(),
             listen: String::new(),
+            admin: String::new(),
         };
         let ready = process.wait_for_log("line-retry-proxy ready").await;
         process.listen = ready["listen"].as_str().unwrap().to_owned();
+        process.admin = ready["admin"].as_str().unwrap().to_owned();
         process
     }
 
@@ -347,10 +313,20 @@ impl Process {
                 .recv()
                 .await
                 .unwrap_or_else(|| panic!("process ended before logging {text:?}"));
+            self.seen.push(line.clone());
             if line.contains(text) {
                 return serde_json::from_str(&line).expect("json log line");
             }
         }
+    }
+
+    /// The log lines after those already read, up to the process's end.
+    async fn rest_of_log(&mut self) -> Vec<String> {
+        let mut rest = Vec::new();
+        while let Some(line) = self.lines.recv().await {
+            rest.push(line);
+        }
+        rest
     }
 
     fn signal(&self, sig: &str) {

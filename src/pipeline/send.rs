@@ -95,16 +95,7 @@ impl Sender<'_> {
             let fits = wait.is_some_and(|w| Instant::now() + w < deadline);
             if !fits {
                 tracing::debug!(attempt, reason = failure.label(), "giving up");
-                return match answer {
-                    Some(sent) => Ok(Sent {
-                        attempts: attempt,
-                        ..sent
-                    }),
-                    None => Err(ProxyError::UpstreamUnreachable {
-                        attempts: attempt,
-                        last: failure,
-                    }),
-                };
+                return exhausted(answer, attempt, failure);
             }
             if !self.budget.try_withdraw() {
                 self.metrics.retry_budget_exhausted();
@@ -113,16 +104,7 @@ impl Sender<'_> {
                     reason = failure.label(),
                     "retry budget exhausted, not retrying"
                 );
-                return match answer {
-                    Some(sent) => Ok(Sent {
-                        attempts: attempt,
-                        ..sent
-                    }),
-                    None => Err(ProxyError::UpstreamUnreachable {
-                        attempts: attempt,
-                        last: failure,
-                    }),
-                };
+                return exhausted(answer, attempt, failure);
             }
             self.metrics.retry(failure);
             tracing::debug!(
@@ -194,6 +176,18 @@ impl Sender<'_> {
             return Some(jittered.max(asked));
         }
         Some(jittered)
+    }
+}
+
+/// No more attempts: LINE's last answer if there was one, else the transport failure.
+fn exhausted(
+    answer: Option<Sent>,
+    attempts: u32,
+    last: AttemptFailure,
+) -> Result<Sent, ProxyError> {
+    match answer {
+        Some(sent) => Ok(Sent { attempts, ..sent }),
+        None => Err(ProxyError::UpstreamUnreachable { attempts, last }),
     }
 }
 
