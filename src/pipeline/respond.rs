@@ -6,7 +6,7 @@ use http::{HeaderName, HeaderValue, Response};
 
 use super::{full, ProxyBody};
 use crate::error::ProxyError;
-use crate::store::Answer;
+use crate::store::{Answer, KeptHeaders};
 
 /// Says how the answer was obtained: fresh, replayed, coalesced, conflict-resolved, …
 pub const OUTCOME_HEADER: HeaderName = HeaderName::from_static("x-line-retry-proxy");
@@ -66,7 +66,10 @@ pub fn answer_response(answer: &Answer, outcome: Outcome) -> Response<ProxyBody>
     let mut res = Response::new(full(answer.body.clone()));
     *res.status_mut() = answer.status;
     let headers = res.headers_mut();
-    headers.clone_from(&answer.headers);
+    headers.reserve(answer.headers.len() + 2);
+    for (name, value) in answer.headers.iter() {
+        headers.insert(name.clone(), value.clone());
+    }
     headers.insert(RETRY_KEY_HEADER, answer.key.header_value());
     headers.insert(OUTCOME_HEADER, outcome.header_value());
     res
@@ -90,9 +93,10 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
 }
 
 /// An error as a storable-shaped answer, so coalesced waiters get it too.
-pub fn error_parts(err: &ProxyError) -> (http::StatusCode, http::HeaderMap, Bytes) {
-    let mut headers = http::HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(ERROR_HEADER, err.reason_header());
+pub fn error_parts(err: &ProxyError) -> (http::StatusCode, KeptHeaders, Bytes) {
+    let headers = Box::new([
+        (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+        (ERROR_HEADER, err.reason_header()),
+    ]);
     (err.status(), headers, err.json_body())
 }

@@ -18,7 +18,7 @@ use super::key::RetryKey;
 use super::respond::{error_parts, Outcome};
 use super::send::Sent;
 use crate::error::ProxyError;
-use crate::store::Answer;
+use crate::store::{Answer, KeptHeaders};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-line-request-id");
 pub const ACCEPTED_REQUEST_ID: HeaderName = HeaderName::from_static("x-line-accepted-request-id");
@@ -61,14 +61,13 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
 
     if sent.status == StatusCode::CONFLICT && key.is_derived() {
         if let Some(accepted) = sent.headers.get(&ACCEPTED_REQUEST_ID) {
-            let mut headers = HeaderMap::new();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
             if let Ok(accepted) = HeaderValue::from_bytes(accepted.as_bytes()) {
-                headers.insert(REQUEST_ID, accepted);
+                headers.push((REQUEST_ID, accepted));
             }
             let answer = Answer {
                 status: endpoint.success_status(),
-                headers,
+                headers: headers.into_boxed_slice(),
                 body: success_body(endpoint, &sent.body),
                 key,
                 outcome: Outcome::ConflictResolved,
@@ -117,16 +116,15 @@ fn attempts_of(err: &ProxyError) -> u32 {
 
 /// Copies, not clones: a parsed header value is a slice of the connection's whole
 /// read buffer, and a kept answer must not pin that buffer for the dedup window.
-fn kept_headers(from: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
-    for name in KEPT_HEADERS {
-        if let Some(v) = from.get(&name) {
-            if let Ok(owned) = HeaderValue::from_bytes(v.as_bytes()) {
-                headers.insert(name, owned);
-            }
-        }
-    }
-    headers
+fn kept_headers(from: &HeaderMap) -> KeptHeaders {
+    KEPT_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = from.get(name)?;
+            let owned = HeaderValue::from_bytes(value.as_bytes()).ok()?;
+            Some((name.clone(), owned))
+        })
+        .collect()
 }
 
 /// Push's success carries the accepted request's `sentMessages`, which LINE repeats
@@ -175,7 +173,10 @@ mod tests {
         assert!(s.keep);
         assert_eq!(s.answer.status, StatusCode::OK);
         assert_eq!(s.answer.outcome, Outcome::ConflictResolved);
-        assert_eq!(s.answer.headers[REQUEST_ID], "first-id");
+        assert!(s
+            .answer
+            .headers
+            .contains(&(REQUEST_ID, HeaderValue::from_static("first-id"))));
         let body: serde_json::Value = serde_json::from_slice(&s.answer.body).unwrap();
         assert_eq!(
             body,

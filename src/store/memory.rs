@@ -183,14 +183,14 @@ mod tests {
     use crate::pipeline::key::RetryKey;
     use crate::pipeline::respond::Outcome;
     use bytes::Bytes;
-    use http::{HeaderMap, StatusCode};
+    use http::StatusCode;
 
     const LEASE: Duration = Duration::from_secs(60);
 
     fn answer(body: impl Into<Bytes>) -> Arc<Answer> {
         Arc::new(Answer {
             status: StatusCode::OK,
-            headers: HeaderMap::new(),
+            headers: Box::new([]),
             body: body.into(),
             key: RetryKey::Derived(uuid::Uuid::nil()),
             outcome: Outcome::Fresh,

@@ -19,11 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::pipeline::fingerprint::Fingerprint;
 use crate::pipeline::key::RetryKey;
 use crate::pipeline::respond::Outcome;
+
+/// An answer's few headers, exactly sized: a `HeaderMap` costs several hundred bytes
+/// of tables per stored answer, more than the answers themselves.
+pub type KeptHeaders = Box<[(HeaderName, HeaderValue)]>;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -32,7 +36,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    pub headers: KeptHeaders,
     pub body: Bytes,
     pub key: RetryKey,
     /// How the answer was obtained upstream: fresh, conflict-resolved, or error.
@@ -49,7 +53,9 @@ impl Answer {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .map(|(k, v)| {
+                std::mem::size_of::<(HeaderName, HeaderValue)>() + k.as_str().len() + v.len()
+            })
             .sum();
         std::mem::size_of::<Answer>() + headers + self.body.len()
     }

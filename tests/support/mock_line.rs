@@ -1,35 +1,45 @@
-//! A mock api.line.me on 127.0.0.1:0: TLS with its own test CA, HTTP/1.1 and HTTP/2,
-//! LINE's documented retry-key semantics, and scriptable faults. It records every
-//! request that arrives and every message it *delivers* (accepts), so tests assert on
-//! what users would have received.
+//! A mock api.line.me on 127.0.0.1:0: TLS with its own test CA (or plain HTTP),
+//! HTTP/1.1 and HTTP/2, LINE's documented retry-key semantics, and scriptable faults.
+//! It records every request that arrives and every message it *accepts*, because the
+//! proxy's whole promise is about the latter: what users would actually receive.
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::pki::TestPki;
 
-const KEYED: [&str; 4] = [
+/// The endpoints that take `X-Line-Retry-Key` (POST only), and so the only ones faults hit.
+pub const KEYED: [&str; 4] = [
     "/v2/bot/message/push",
     "/v2/bot/message/multicast",
     "/v2/bot/message/narrowcast",
     "/v2/bot/message/broadcast",
 ];
+
+/// The size of each chunk of a `/stream/{n}` answer.
+pub const STREAM_CHUNK: usize = 16 * 1024;
 
 #[derive(Clone, Debug)]
 pub enum Fault {
@@ -41,7 +51,7 @@ pub enum Fault {
     Hang,
     /// Accept and deliver, then never answer.
     AcceptThenHang,
-    /// Drop the connection without an answer (a RST: sockets have SO_LINGER 0).
+    /// Drop the whole connection unanswered, as a RST; nothing delivered.
     Reset,
     RateLimited {
         retry_after: Option<u64>,
@@ -54,6 +64,7 @@ pub enum Fault {
 #[derive(Clone, Debug)]
 pub struct Recorded {
     pub method: String,
+    /// Path and query.
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -80,7 +91,7 @@ struct Log {
     faults: VecDeque<Fault>,
     requests: Vec<Recorded>,
     deliveries: Vec<Delivery>,
-    /// (Authorization, key) → the accepted request: keys are per channel.
+    /// (Authorization, key): LINE scopes retry keys per channel.
     accepted: HashMap<(String, String), Accepted>,
 }
 
@@ -88,25 +99,32 @@ struct State {
     log: Mutex<Log>,
     arrived: watch::Sender<usize>,
     connections: AtomicUsize,
-    next_id: AtomicU64,
     stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl State {
-    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
-        self.log.lock().expect("mock state lock")
+    fn log(&self) -> MutexGuard<'_, Log> {
+        self.log
+            .lock()
+            .expect("no test panics while holding the mock's lock")
     }
+}
 
-    fn request_id(&self) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("00000000-0000-4000-8000-{n:012x}")
-    }
+/// Process-wide, so ids stay unique even across several mocks in one test.
+fn next_number() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn request_id() -> String {
+    format!("00000000-0000-4000-8000-{:012x}", next_number())
 }
 
 pub struct MockLine {
     addr: SocketAddr,
-    pki: TestPki,
     tls: bool,
+    pki: TestPki,
     state: Arc<State>,
 }
 
@@ -116,19 +134,9 @@ impl Drop for MockLine {
     }
 }
 
-/// The service's error: makes hyper drop the connection (the Reset fault).
-#[derive(Debug)]
-struct DropConnection;
-
-impl std::fmt::Display for DropConnection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("mock drops the connection")
-    }
-}
-
-impl std::error::Error for DropConnection {}
-
-type Answer = Result<Response<Full<Bytes>>, DropConnection>;
+type Body = BoxBody<Bytes, Infallible>;
+/// An `Err` makes hyper abandon the exchange without answering.
+type Answer = Result<Response<Body>, std::io::Error>;
 
 impl MockLine {
     pub async fn start() -> MockLine {
@@ -143,26 +151,23 @@ impl MockLine {
         let pki = TestPki::new();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("mock binds");
         let addr = listener.local_addr().expect("mock address");
-        let (arrived, _) = watch::channel(0);
         let state = Arc::new(State {
             log: Mutex::new(Log::default()),
-            arrived,
+            arrived: watch::Sender::new(0),
             connections: AtomicUsize::new(0),
-            next_id: AtomicU64::new(1),
             stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
         let acceptor = tls.then(|| {
-            tokio_rustls::TlsAcceptor::from(pki.server_config(&[
-                "127.0.0.1",
-                "localhost",
-                "api.line.me",
-            ]))
+            TlsAcceptor::from(pki.server_config(&["127.0.0.1", "localhost", "api.line.me"]))
         });
-        tokio::spawn(accept_loop(listener, acceptor, state.clone()));
+        state
+            .tasks
+            .spawn(accept_loop(listener, acceptor, state.clone()));
         MockLine {
             addr,
-            pki,
             tls,
+            pki,
             state,
         }
     }
@@ -172,11 +177,8 @@ impl MockLine {
     }
 
     pub fn url(&self) -> String {
-        format!(
-            "{}://{}",
-            if self.tls { "https" } else { "http" },
-            self.addr
-        )
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn ca_path(&self) -> &Path {
@@ -185,6 +187,10 @@ impl MockLine {
 
     pub fn ca_pem(&self) -> &str {
         &self.pki.ca_pem
+    }
+
+    pub fn pki(&self) -> &TestPki {
+        &self.pki
     }
 
     pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
@@ -208,67 +214,99 @@ impl MockLine {
         arrived
             .wait_for(|count| *count >= n)
             .await
-            .expect("mock alive");
+            .expect("the sender lives as long as self");
     }
 
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::Relaxed)
     }
+
+    /// Stops accepting and kills every connection; when this returns the port is closed
+    /// and no connection of this mock is open. The records stay readable.
+    pub async fn shutdown(&self) {
+        self.state.stop.cancel();
+        self.state.tasks.close();
+        self.state.tasks.wait().await;
+    }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<State>,
-) {
+async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state: Arc<State>) {
     loop {
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
+            biased;
             _ = state.stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok((stream, _)) => stream,
                 Err(_) => continue,
             },
         };
         state.connections.fetch_add(1, Ordering::Relaxed);
-        // Linger 0 makes a dropped connection a RST, as a crashed LINE front end would;
-        // the deprecation warns about blocking on close, which linger 0 never does.
-        #[allow(deprecated)]
-        let _ = stream.set_linger(Some(Duration::ZERO));
-        let state = state.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let stop = state.stop.clone();
-            let service = service_fn(move |req| handle(state.clone(), req));
-            let builder = auto::Builder::new(TokioExecutor::new());
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = async {
-                    match acceptor {
-                        Some(acceptor) => {
-                            if let Ok(tls) = acceptor.accept(stream).await {
-                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
-                            }
-                        }
-                        None => {
-                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                    }
-                } => {}
-            }
-        });
+        // Linger 0 turns every close we do not finish politely into a RST, which is what
+        // the Reset fault needs and what a crashed front end looks like.
+        let _ = stream.set_zero_linger();
+        let conn = state.stop.child_token();
+        state
+            .tasks
+            .spawn(serve(stream, acceptor.clone(), state.clone(), conn));
     }
 }
 
-fn json_answer(status: StatusCode, request_id: &str, body: Value) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(Bytes::from(body.to_string())));
+async fn serve(
+    stream: TcpStream,
+    acceptor: Option<TlsAcceptor>,
+    state: Arc<State>,
+    conn: CancellationToken,
+) {
+    let service = {
+        let conn = conn.clone();
+        service_fn(move |req| handle(state.clone(), conn.clone(), req))
+    };
+    let served = async move {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        match acceptor {
+            Some(acceptor) => {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                }
+            }
+            None => {
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        }
+    };
+    // Dropping the connection future drops the socket: no goodbye, no close_notify,
+    // no GOAWAY, just the RST that linger 0 makes of it.
+    tokio::select! {
+        _ = conn.cancelled() => {}
+        _ = served => {}
+    }
+}
+
+fn json_answer(status: StatusCode, id: &str, body: Value) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     *res.status_mut() = status;
     res.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/json"));
+    set_request_id(&mut res, id);
+    res
+}
+
+fn set_request_id(res: &mut Response<Body>, id: &str) {
     res.headers_mut().insert(
         "x-line-request-id",
-        HeaderValue::from_str(request_id).expect("ascii id"),
+        HeaderValue::from_str(id).expect("ids are ASCII"),
     );
-    res
+}
+
+fn message(status: StatusCode, id: &str, text: &str) -> Response<Body> {
+    json_answer(status, id, json!({ "message": text }))
+}
+
+fn scripted_status(code: u16, id: &str) -> Response<Body> {
+    let status = StatusCode::from_u16(code).expect("a scripted status is 100..=999");
+    message(status, id, status.canonical_reason().unwrap_or("Error"))
 }
 
 fn is_uuid(key: &str) -> bool {
@@ -276,260 +314,209 @@ fn is_uuid(key: &str) -> bool {
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
         && groups
             .iter()
-            .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Answer {
+/// What a handler needs of a request once it has fully arrived.
+struct Arrived {
+    method: Method,
+    path: String,
+    path_and_query: String,
+    headers: HeaderMap,
+    body: Bytes,
+    key: Option<String>,
+    authorization: Option<String>,
+}
+
+async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incoming>) -> Answer {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
         .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let retry_key = parts
-        .headers
-        .get("x-line-retry-key")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let authorization = parts
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let recorded = Recorded {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-        retry_key: retry_key.clone(),
-        version: parts.version,
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let text = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let req = Arrived {
+        path: parts.uri.path().to_owned(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+        key: text("x-line-retry-key"),
+        authorization: text("authorization"),
+        method: parts.method,
+        headers: parts.headers,
+        body,
     };
     let count = {
         let mut log = state.log();
-        log.requests.push(recorded);
+        log.requests.push(Recorded {
+            method: req.method.to_string(),
+            path: req.path_and_query.clone(),
+            headers: req.headers.clone(),
+            body: req.body.clone(),
+            retry_key: req.key.clone(),
+            version: parts.version,
+        });
         log.requests.len()
     };
     state.arrived.send_replace(count);
 
-    let id = state.request_id();
-    let bare_path = parts.uri.path();
-    let keyed = parts.method == Method::POST && KEYED.contains(&bare_path);
-
-    if bare_path.starts_with("/echo") {
-        let headers: serde_json::Map<String, Value> = parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-                )
-            })
-            .collect();
-        return Ok(json_answer(
-            StatusCode::OK,
-            &id,
-            json!({"method": parts.method.as_str(), "path": path, "headers": headers, "body_len": body.len()}),
-        ));
-    }
-    if !authorization
-        .as_deref()
-        .is_some_and(|a| a.starts_with("Bearer "))
-    {
-        return Ok(json_answer(
-            StatusCode::UNAUTHORIZED,
-            &id,
-            json!({"message": "Authentication failed. Confirm that the access token in the authorization header is valid."}),
-        ));
-    }
-    if let Some(key) = &retry_key {
-        if !is_uuid(key) {
-            return Ok(json_answer(
-                StatusCode::BAD_REQUEST,
-                &id,
-                json!({"message": "The value for the 'X-Line-Retry-Key' header is invalid"}),
-            ));
-        }
-        if !keyed {
-            return Ok(json_answer(
-                StatusCode::BAD_REQUEST,
-                &id,
-                json!({"message": "The retry key is not supported for this endpoint"}),
-            ));
-        }
-    }
-    if !keyed {
-        return Ok(other_endpoint(
-            &state,
-            &parts.method,
-            bare_path,
-            &id,
-            &body,
-            authorization,
-        ));
-    }
-
-    let fault = state.log().faults.pop_front();
-    let accept = |state: &State| {
-        accept(
-            state,
-            bare_path,
-            &id,
-            &body,
-            retry_key.clone(),
-            authorization.clone(),
-        )
+    let id = request_id();
+    let keyed = req.method == Method::POST && KEYED.contains(&req.path.as_str());
+    let fault = if keyed {
+        state.log().faults.pop_front()
+    } else {
+        None
     };
-    match fault {
-        None => Ok(accept(&state)),
-        Some(Fault::Delay(d)) => {
-            tokio::time::sleep(d).await;
-            Ok(accept(&state))
-        }
-        Some(Fault::Status(code)) => Ok(json_answer(
-            status(code),
-            &id,
-            json!({"message": "An error occurred in the mock"}),
-        )),
-        Some(Fault::AcceptThenStatus(code)) => {
-            let answer = accept(&state);
-            if answer.status() == StatusCode::CONFLICT {
-                return Ok(answer);
-            }
-            Ok(json_answer(
-                status(code),
-                &id,
-                json!({"message": "An error occurred in the mock"}),
-            ))
-        }
-        Some(Fault::Hang) => hang(&state).await,
-        Some(Fault::AcceptThenHang) => {
-            let answer = accept(&state);
-            if answer.status() == StatusCode::CONFLICT {
-                return Ok(answer);
-            }
-            hang(&state).await
-        }
-        Some(Fault::Reset) => Err(DropConnection),
+    match &fault {
+        Some(Fault::Status(code)) => return Ok(scripted_status(*code, &id)),
         Some(Fault::RateLimited { retry_after }) => {
-            let mut res = json_answer(
+            let mut res = message(
                 StatusCode::TOO_MANY_REQUESTS,
                 &id,
-                json!({"message": "The API rate limit has been exceeded. Try again later."}),
+                "The API rate limit has been exceeded. Try again later.",
             );
             if let Some(secs) = retry_after {
                 res.headers_mut()
-                    .insert("retry-after", HeaderValue::from(secs));
+                    .insert("retry-after", HeaderValue::from(*secs));
             }
-            Ok(res)
+            return Ok(res);
         }
-        Some(Fault::MonthlyLimit) => Ok(json_answer(
-            StatusCode::TOO_MANY_REQUESTS,
-            &id,
-            json!({"message": "You have reached your monthly limit."}),
-        )),
+        Some(Fault::MonthlyLimit) => {
+            return Ok(message(
+                StatusCode::TOO_MANY_REQUESTS,
+                &id,
+                "You have reached your monthly limit.",
+            ))
+        }
+        Some(Fault::Hang) => return hang(&conn).await,
+        Some(Fault::Reset) => return reset(&state, &conn).await,
+        Some(Fault::Delay(pause)) => tokio::time::sleep(*pause).await,
+        Some(Fault::AcceptThenStatus(_) | Fault::AcceptThenHang) | None => {}
+    }
+    let (answer, accepted) = respond(&req, &id, &state);
+    match fault {
+        Some(Fault::AcceptThenStatus(code)) if accepted => Ok(scripted_status(code, &id)),
+        Some(Fault::AcceptThenHang) if accepted => hang(&conn).await,
+        _ => Ok(answer),
     }
 }
 
-fn status(code: u16) -> StatusCode {
-    StatusCode::from_u16(code).expect("a valid scripted status")
+/// Pends until the connection dies, which the mock's shutdown also causes.
+async fn hang(conn: &CancellationToken) -> Answer {
+    conn.cancelled().await;
+    Err(std::io::Error::other("mock shut down"))
 }
 
-async fn hang(state: &State) -> Answer {
+/// Kills the whole connection rather than returning `Err`: over HTTP/2 hyper would turn
+/// an `Err` into a polite RST_STREAM on a connection that stays up, which is not a reset.
+async fn reset(state: &State, conn: &CancellationToken) -> Answer {
+    conn.cancel();
+    // Over HTTP/2 this future runs in its own task and outlives the connection, so it
+    // must not return an error hyper might still try to send.
     state.stop.cancelled().await;
-    Err(DropConnection)
+    Err(std::io::Error::other("mock reset the connection"))
 }
 
-/// LINE's acceptance: the first success consumes the key; a later use gets 409 with
-/// the accepted request's id (and, for push, its sentMessages).
-fn accept(
-    state: &State,
-    path: &str,
-    id: &str,
-    body: &Bytes,
-    key: Option<String>,
-    authorization: Option<String>,
-) -> Response<Full<Bytes>> {
-    let mut log = state.log();
-    let scope = (
-        authorization.clone().unwrap_or_default(),
-        key.clone().unwrap_or_default(),
-    );
-    if key.is_some() {
-        if let Some(accepted) = log.accepted.get(&scope) {
-            let mut answer = json!({"message": "The retry key is already accepted"});
-            if let Some(sent) = &accepted.sent_messages {
-                answer["sentMessages"] = sent.clone();
-            }
-            let mut res = json_answer(StatusCode::CONFLICT, id, answer);
-            res.headers_mut().insert(
-                "x-line-accepted-request-id",
-                HeaderValue::from_str(&accepted.request_id).expect("ascii id"),
-            );
-            return res;
+/// LINE's normal behaviour; the flag says whether this request was accepted for delivery.
+fn respond(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
+    let instrument = req.path.starts_with("/echo") || req.path.starts_with("/stream/");
+    if !instrument
+        && !req
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|token| !token.is_empty())
+    {
+        let text = "Authentication failed. Confirm that the access token in the authorization header is valid.";
+        return (message(StatusCode::UNAUTHORIZED, id, text), false);
+    }
+    let keyed = req.method == Method::POST && KEYED.contains(&req.path.as_str());
+    if let Some(key) = &req.key {
+        if !is_uuid(key) {
+            let text = "The value for the 'X-Line-Retry-Key' header is invalid";
+            return (message(StatusCode::BAD_REQUEST, id, text), false);
+        }
+        if !keyed {
+            let text = "The retry key is not supported for this endpoint";
+            return (message(StatusCode::BAD_REQUEST, id, text), false);
         }
     }
-    let (status, answer, sent_messages) = if path == "/v2/bot/message/push" {
-        let count = serde_json::from_slice::<Value>(body)
-            .ok()
-            .and_then(|v| v["messages"].as_array().map(Vec::len))
-            .unwrap_or(1);
-        let sent: Vec<Value> = (0..count)
-            .map(|_| {
-                let n = state.next_id.fetch_add(1, Ordering::Relaxed);
-                json!({"id": format!("{}", 500_000_000_000_000u64 + n), "quoteToken": format!("q{n}")})
-            })
-            .collect();
-        (
-            StatusCode::OK,
-            json!({"sentMessages": sent}),
-            Some(Value::Array(sent)),
-        )
-    } else if path == "/v2/bot/message/narrowcast" {
-        (StatusCode::ACCEPTED, json!({}), None)
-    } else {
-        (StatusCode::OK, json!({}), None)
-    };
-    if key.is_some() {
-        log.accepted.insert(
-            scope,
-            Accepted {
-                request_id: id.to_owned(),
-                sent_messages,
-            },
-        );
+    if keyed {
+        return accept(req, id, state);
     }
-    log.deliveries.push(Delivery {
-        path: path.to_owned(),
-        retry_key: key,
-        request_id: id.to_owned(),
-        body: body.clone(),
-        authorization,
-    });
-    json_answer(status, id, answer)
+    (other_endpoint(req, id, state), false)
 }
 
-fn other_endpoint(
-    state: &State,
-    method: &Method,
-    path: &str,
-    id: &str,
-    body: &Bytes,
-    authorization: Option<String>,
-) -> Response<Full<Bytes>> {
-    match (method, path) {
+/// The first accepted request with a key consumes it; later ones get 409 naming it.
+fn accept(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
+    let mut log = state.log();
+    let scope = req
+        .key
+        .clone()
+        .map(|key| (req.authorization.clone().unwrap_or_default(), key));
+    if let Some(accepted) = scope.as_ref().and_then(|s| log.accepted.get(s)) {
+        let mut body = json!({"message": "The retry key is already accepted"});
+        if let Some(sent) = &accepted.sent_messages {
+            body["sentMessages"] = sent.clone();
+        }
+        let mut res = json_answer(StatusCode::CONFLICT, id, body);
+        res.headers_mut().insert(
+            "x-line-accepted-request-id",
+            HeaderValue::from_str(&accepted.request_id).expect("ids are ASCII"),
+        );
+        return (res, false);
+    }
+    let (status, body, sent_messages) = match req.path.as_str() {
+        "/v2/bot/message/push" => {
+            let count = serde_json::from_slice::<Value>(&req.body)
+                .ok()
+                .and_then(|v| v["messages"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            let sent: Value = (0..count)
+                .map(|_| {
+                    let n = next_number();
+                    json!({"id": (500_000_000_000_000u64 + n).to_string(), "quoteToken": format!("qt-{n}")})
+                })
+                .collect();
+            let body = json!({ "sentMessages": sent });
+            (StatusCode::OK, body, Some(sent))
+        }
+        "/v2/bot/message/narrowcast" => (StatusCode::ACCEPTED, json!({}), None),
+        _ => (StatusCode::OK, json!({}), None),
+    };
+    if let Some(scope) = scope {
+        let request_id = id.to_owned();
+        let accepted = Accepted {
+            request_id,
+            sent_messages,
+        };
+        log.accepted.insert(scope, accepted);
+    }
+    deliver(&mut log, req, id);
+    (json_answer(status, id, body), true)
+}
+
+fn deliver(log: &mut Log, req: &Arrived, id: &str) {
+    log.deliveries.push(Delivery {
+        path: req.path.clone(),
+        retry_key: req.key.clone(),
+        request_id: id.to_owned(),
+        body: req.body.clone(),
+        authorization: req.authorization.clone(),
+    });
+}
+
+fn other_endpoint(req: &Arrived, id: &str, state: &State) -> Response<Body> {
+    match (&req.method, req.path.as_str()) {
         (&Method::POST, "/v2/bot/message/reply") => {
-            state.log().deliveries.push(Delivery {
-                path: path.to_owned(),
-                retry_key: None,
-                request_id: id.to_owned(),
-                body: body.clone(),
-                authorization,
-            });
+            deliver(&mut state.log(), req, id);
             json_answer(StatusCode::OK, id, json!({}))
         }
         (&Method::GET, "/v2/bot/info") => json_answer(
@@ -545,15 +532,78 @@ fn other_endpoint(
         (&Method::POST, "/v2/bot/message/validate/push") => {
             json_answer(StatusCode::OK, id, json!({}))
         }
-        (&Method::GET, p) if p.starts_with("/stream/") => {
-            let n: usize = p["/stream/".len()..].parse().unwrap_or(0);
-            let mut res = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
-            res.headers_mut().insert(
-                "x-line-request-id",
-                HeaderValue::from_str(id).expect("ascii id"),
-            );
-            res
+        (_, path) if path.starts_with("/echo") => {
+            let mut headers = serde_json::Map::new();
+            for (name, value) in &req.headers {
+                let value = String::from_utf8_lossy(value.as_bytes());
+                let joined = match headers.get(name.as_str()).and_then(Value::as_str) {
+                    Some(earlier) => format!("{earlier}, {value}"),
+                    None => value.into_owned(),
+                };
+                headers.insert(name.to_string(), Value::from(joined));
+            }
+            let body = json!({
+                "method": req.method.as_str(),
+                "path": req.path_and_query,
+                "headers": headers,
+                "body_len": req.body.len(),
+            });
+            json_answer(StatusCode::OK, id, body)
         }
-        _ => json_answer(StatusCode::NOT_FOUND, id, json!({"message": "Not found"})),
+        (&Method::GET, path) if path.starts_with("/stream/") => {
+            match path["/stream/".len()..].parse::<usize>() {
+                Ok(len) => {
+                    let mut res = Response::new(Chunks { sent: 0, len }.boxed());
+                    res.headers_mut().insert(
+                        "content-type",
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    set_request_id(&mut res, id);
+                    res
+                }
+                Err(_) => message(StatusCode::BAD_REQUEST, id, "Bad stream length"),
+            }
+        }
+        _ => message(StatusCode::NOT_FOUND, id, "Not found"),
+    }
+}
+
+/// The byte at `offset` of every `/stream/{n}` answer: a pattern rather than a constant,
+/// so a test can tell a reordered or spliced body from the real one.
+pub fn stream_byte(offset: usize) -> u8 {
+    (offset % 251) as u8
+}
+
+/// The whole body `/stream/{len}` answers, for comparisons.
+pub fn stream_body(len: usize) -> Bytes {
+    (0..len).map(stream_byte).collect()
+}
+
+/// A body produced chunk by chunk with no length announced, so it goes out chunked
+/// (HTTP/1.1) or as many DATA frames (HTTP/2) and a proxy must truly stream it.
+struct Chunks {
+    sent: usize,
+    len: usize,
+}
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let n = STREAM_CHUNK.min(self.len - self.sent);
+        if n == 0 {
+            return Poll::Ready(None);
+        }
+        let chunk: Bytes = (self.sent..self.sent + n).map(stream_byte).collect();
+        self.sent += n;
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent == self.len
     }
 }

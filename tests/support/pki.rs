@@ -1,21 +1,44 @@
-//! A throwaway PKI for the mock LINE: its own CA, and leaves for the names it serves.
+//! A throwaway PKI: its own CA, leaves for whatever names a test server answers to,
+//! and client configs that trust this CA and nothing else, so a test can never pass by
+//! accidentally reaching something with a real certificate.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub struct TestPki {
     pub ca_pem: String,
+    /// A fresh directory of this PKI's own; removed when the PKI is dropped.
     pub dir: PathBuf,
     pub ca_path: PathBuf,
     ca_cert: rcgen::Certificate,
     ca_key: KeyPair,
 }
 
+/// An explicit provider everywhere: tests must not depend on (or set) the process-wide
+/// default, which the proxy under test may install differently.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn unique_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "line-retry-proxy-pki-{}-{n}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir for the test PKI");
+    dir
 }
 
 impl TestPki {
@@ -24,14 +47,14 @@ impl TestPki {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params
             .distinguished_name
-            .push(DnType::CommonName, "mock LINE test CA");
+            .push(DnType::CommonName, "line-retry-proxy test CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_cert = params.self_signed(&ca_key).expect("CA cert");
         let ca_pem = ca_cert.pem();
-        let dir = super::proxy::temp_dir("pki");
-        let ca_path = dir.join("mock-ca.pem");
-        std::fs::write(&ca_path, &ca_pem).expect("write CA");
+        let dir = unique_dir();
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, &ca_pem).expect("write ca.pem");
         TestPki {
             ca_pem,
             dir,
@@ -41,37 +64,62 @@ impl TestPki {
         }
     }
 
+    /// A server config with a fresh leaf for `names` (DNS names or IP literals).
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().expect("leaf key");
-        let params =
+        let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .expect("leaf params");
+                .expect("leaf names are DNS names or IP literals");
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(DnType::CommonName, *first);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params
             .signed_by(&key, &self.ca_cert, &self.ca_key)
             .expect("leaf cert");
-        let chain = vec![cert.der().clone(), self.ca_cert.der().clone()];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .expect("protocol versions")
+            .expect("ring supports the default versions")
             .with_no_client_auth()
-            .with_single_cert(chain, key)
+            .with_single_cert(vec![cert.der().clone()], key)
             .expect("server config");
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     }
 
+    /// Trusts only this CA; offers HTTP/1.1 by ALPN.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client_config_alpn(&[b"http/1.1"])
+    }
+
+    /// Trusts only this CA; offers exactly `alpn` (empty for hyper-rustls, which
+    /// insists on setting ALPN itself).
+    pub fn client_config_alpn(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(CertificateDer::from(self.ca_cert.der().to_vec()))
-            .expect("CA root");
+            .add(self.ca_cert.der().clone())
+            .expect("the test CA is a valid root");
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .expect("protocol versions")
+            .expect("ring supports the default versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        // Best effort: a leftover directory in the temp dir harms nothing.
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,709 @@
+//! Proves the mock LINE behaves as documented: every proxy test trusts it.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use support::mock_line::{stream_body, Fault, MockLine, STREAM_CHUNK};
+
+const TOKEN: &str = "Bearer channel-a";
+const KEY: &str = "123e4567-e89b-42d3-a456-426614174000";
+const PUSH: &str = "/v2/bot/message/push";
+
+type Https = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A fresh client (so a fresh connection) trusting only the mock's CA.
+fn client(mock: &MockLine, h2: bool) -> Https {
+    let config = (*mock.pki().client_config_alpn(&[])).clone();
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only();
+    let connector = if h2 {
+        builder.enable_all_versions().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    version: Version,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("a JSON answer")
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("no {name} header"))
+    }
+}
+
+type SendResult = Result<Reply, Box<dyn std::error::Error + Send + Sync>>;
+
+async fn try_send<C>(
+    client: &Client<C, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> SendResult
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut req = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_owned())))?;
+    let res = client.request(req).await?;
+    let version = res.version();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        version,
+    })
+}
+
+async fn push_with(client: &Https, mock: &MockLine, headers: &[(&str, &str)]) -> SendResult {
+    let body = json!({"to": "U1", "messages": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]});
+    let url = format!("{}{PUSH}", mock.url());
+    try_send(client, Method::POST, &url, headers, &body.to_string()).await
+}
+
+async fn push(client: &Https, mock: &MockLine, key: Option<&str>) -> Reply {
+    let mut headers = vec![
+        ("authorization", TOKEN),
+        ("content-type", "application/json"),
+    ];
+    headers.extend(key.map(|k| ("x-line-retry-key", k)));
+    push_with(client, mock, &headers)
+        .await
+        .expect("the mock answers")
+}
+
+async fn call(client: &Https, mock: &MockLine, method: Method, path: &str) -> Reply {
+    let url = format!("{}{path}", mock.url());
+    try_send(client, method, &url, &[("authorization", TOKEN)], "{}")
+        .await
+        .expect("the mock answers")
+}
+
+#[tokio::test]
+async fn push_answers_one_sent_message_per_message() {
+    let mock = MockLine::start().await;
+    let reply = push(&client(&mock, false), &mock, Some(KEY)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("content-type"), "application/json");
+    let sent = reply.json()["sentMessages"]
+        .as_array()
+        .cloned()
+        .expect("sentMessages");
+    assert_eq!(sent.len(), 2);
+    assert_ne!(sent[0]["id"], sent[1]["id"]);
+    for m in &sent {
+        let id = m["id"].as_str().expect("id is a string");
+        assert!(id.bytes().all(|b| b.is_ascii_digit()), "{id}");
+        assert!(m["quoteToken"].is_string());
+    }
+    let delivered = mock.deliveries();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].retry_key.as_deref(), Some(KEY));
+    assert_eq!(delivered[0].authorization.as_deref(), Some(TOKEN));
+    assert_eq!(delivered[0].request_id, reply.header("x-line-request-id"));
+    let recorded = mock.requests();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].method, "POST");
+    assert_eq!(recorded[0].path, PUSH);
+    assert_eq!(recorded[0].retry_key.as_deref(), Some(KEY));
+    assert_eq!(recorded[0].version, Version::HTTP_11);
+    assert_eq!(recorded[0].body, delivered[0].body);
+}
+
+#[tokio::test]
+async fn a_used_key_gets_409_naming_the_accepted_request() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let first = push(&client, &mock, Some(KEY)).await;
+    let second = push(&client, &mock, Some(KEY)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(second.status, StatusCode::CONFLICT);
+    let first_id = first.header("x-line-request-id");
+    assert_eq!(second.header("x-line-accepted-request-id"), first_id);
+    assert_ne!(second.header("x-line-request-id"), first_id);
+    assert_eq!(
+        second.json()["message"],
+        "The retry key is already accepted"
+    );
+    assert_eq!(second.json()["sentMessages"], first.json()["sentMessages"]);
+    assert_eq!(mock.delivered_count(), 1);
+    assert_eq!(mock.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn keys_are_scoped_per_channel_and_unkeyed_pushes_always_deliver() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    push(&client, &mock, Some(KEY)).await;
+    let other = [
+        ("authorization", "Bearer channel-b"),
+        ("x-line-retry-key", KEY),
+    ];
+    let reply = push_with(&client, &mock, &other).await.expect("answer");
+    assert_eq!(reply.status, StatusCode::OK);
+    push(&client, &mock, None).await;
+    assert_eq!(push(&client, &mock, None).await.status, StatusCode::OK);
+    assert_eq!(mock.delivered_count(), 4);
+}
+
+#[tokio::test]
+async fn multicast_409_has_no_sent_messages() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let url = format!("{}/v2/bot/message/multicast", mock.url());
+    let headers = [("authorization", TOKEN), ("x-line-retry-key", KEY)];
+    let first = try_send(&client, Method::POST, &url, &headers, "{}")
+        .await
+        .expect("answer");
+    assert_eq!((first.status, first.json()), (StatusCode::OK, json!({})));
+    let second = try_send(&client, Method::POST, &url, &headers, "{}")
+        .await
+        .expect("answer");
+    assert_eq!(second.status, StatusCode::CONFLICT);
+    assert!(second.json().get("sentMessages").is_none());
+}
+
+#[tokio::test]
+async fn a_key_on_another_endpoint_is_rejected() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let url = format!("{}/v2/bot/message/reply", mock.url());
+    let headers = [("authorization", TOKEN), ("x-line-retry-key", KEY)];
+    let reply = try_send(&client, Method::POST, &url, &headers, "{}")
+        .await
+        .expect("answer");
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        reply.json()["message"],
+        "The retry key is not supported for this endpoint"
+    );
+    assert_eq!(mock.delivered_count(), 0);
+    let reply = call(&client, &mock, Method::POST, "/v2/bot/message/reply").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(mock.deliveries()[0].retry_key, None);
+}
+
+#[tokio::test]
+async fn empty_or_malformed_keys_are_rejected() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    for key in [
+        "",
+        "not-a-uuid",
+        "123e4567e89b42d3a456426614174000",
+        "123e4567-e89b-42d3-a456-42661417400g",
+    ] {
+        let reply = push(&client, &mock, Some(key)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{key:?}");
+        assert_eq!(
+            reply.json()["message"],
+            "The value for the 'X-Line-Retry-Key' header is invalid"
+        );
+    }
+    assert_eq!(mock.requests()[0].retry_key.as_deref(), Some(""));
+    assert_eq!(mock.delivered_count(), 0);
+}
+
+#[tokio::test]
+async fn a_missing_token_is_401() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let reply = push_with(&client, &mock, &[("x-line-retry-key", KEY)])
+        .await
+        .expect("answer");
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.json()["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("Authentication failed")));
+    assert_eq!(mock.delivered_count(), 0);
+    // The key was not consumed.
+    assert_eq!(push(&client, &mock, Some(KEY)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_status_fault_answers_once_then_normal() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::Status(500)]);
+    let client = client(&mock, false);
+    let failed = push(&client, &mock, Some(KEY)).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(failed.json()["message"].is_string());
+    assert!(!failed.header("x-line-request-id").is_empty());
+    assert_eq!(mock.delivered_count(), 0);
+    assert_eq!(push(&client, &mock, Some(KEY)).await.status, StatusCode::OK);
+    assert_eq!(mock.delivered_count(), 1);
+}
+
+#[tokio::test]
+async fn faults_only_hit_keyed_endpoints() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::Status(503)]);
+    let client = client(&mock, false);
+    assert_eq!(
+        call(&client, &mock, Method::GET, "/v2/bot/info")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&client, &mock, Method::POST, "/v2/bot/message/reply")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        push(&client, &mock, None).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn accept_then_status_delivers_once_and_the_retry_gets_409() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::AcceptThenStatus(500)]);
+    let client = client(&mock, false);
+    let failed = push(&client, &mock, Some(KEY)).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(mock.delivered_count(), 1);
+    let retry = push(&client, &mock, Some(KEY)).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT);
+    assert_eq!(
+        retry.header("x-line-accepted-request-id"),
+        failed.header("x-line-request-id")
+    );
+    assert_eq!(
+        mock.deliveries()[0].request_id,
+        failed.header("x-line-request-id")
+    );
+    assert_eq!(
+        retry.json()["sentMessages"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(mock.delivered_count(), 1);
+}
+
+#[tokio::test]
+async fn an_accepting_fault_on_a_used_key_is_409_and_still_consumed() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    push(&client, &mock, Some(KEY)).await;
+    mock.script([Fault::AcceptThenStatus(500)]);
+    assert_eq!(
+        push(&client, &mock, Some(KEY)).await.status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(push(&client, &mock, None).await.status, StatusCode::OK);
+    assert_eq!(mock.delivered_count(), 2);
+}
+
+#[tokio::test]
+async fn hang_never_answers_and_delivers_nothing() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::Hang]);
+    let client = client(&mock, false);
+    let waited =
+        tokio::time::timeout(Duration::from_millis(300), push(&client, &mock, Some(KEY))).await;
+    assert!(waited.is_err(), "timed out");
+    assert_eq!(mock.requests().len(), 1);
+    assert_eq!(mock.delivered_count(), 0);
+    assert_eq!(push(&client, &mock, Some(KEY)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn accept_then_hang_delivers_but_never_answers() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::AcceptThenHang]);
+    let client = client(&mock, false);
+    let waited =
+        tokio::time::timeout(Duration::from_millis(300), push(&client, &mock, Some(KEY))).await;
+    assert!(waited.is_err(), "timed out");
+    assert_eq!(mock.delivered_count(), 1);
+    assert_eq!(
+        push(&client, &mock, Some(KEY)).await.status,
+        StatusCode::CONFLICT
+    );
+}
+
+/// Walks an error's sources for the io::Error underneath.
+fn io_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+#[tokio::test]
+async fn reset_drops_the_connection_without_answer() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::Reset]);
+    let client = client(&mock, false);
+    let err = match push_with(&client, &mock, &[("authorization", TOKEN)]).await {
+        Ok(reply) => panic!("answered {}", reply.status),
+        Err(err) => err,
+    };
+    eprintln!("h1 reset as the client sees it: {err:?}");
+    assert_eq!(mock.delivered_count(), 0);
+    assert_eq!(push(&client, &mock, Some(KEY)).await.status, StatusCode::OK);
+    assert_eq!(mock.connections(), 2, "the reset connection was not reused");
+}
+
+#[tokio::test]
+async fn reset_is_a_tcp_rst() {
+    let mock = MockLine::start_plain().await;
+    mock.script([Fault::Reset]);
+    let mut stream = tokio::net::TcpStream::connect(mock.addr())
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST {PUSH} HTTP/1.1\r\nhost: api.line.me\r\nauthorization: {TOKEN}\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let read = stream.read_to_end(&mut buf).await;
+    assert_eq!(buf, b"", "no answer at all");
+    let err = read.expect_err("a reset, not a clean EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[tokio::test]
+async fn reset_kills_an_http2_connection_too() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::Reset]);
+    let client = client(&mock, true);
+    let err = match push_with(&client, &mock, &[("authorization", TOKEN)]).await {
+        Ok(reply) => panic!("answered {}", reply.status),
+        Err(err) => err,
+    };
+    eprintln!("h2 reset as the client sees it: {err:?}");
+    assert_eq!(
+        io_kind(err.as_ref()),
+        Some(std::io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(mock.delivered_count(), 0);
+}
+
+#[tokio::test]
+async fn http2_is_negotiated_by_alpn() {
+    let mock = MockLine::start().await;
+    let reply = push(&client(&mock, true), &mock, Some(KEY)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.version, Version::HTTP_2);
+    assert_eq!(mock.requests()[0].version, Version::HTTP_2);
+    assert_eq!(mock.delivered_count(), 1);
+}
+
+#[tokio::test]
+async fn wait_requests_resolves_on_arrival_not_on_answer() {
+    let mock = MockLine::start().await;
+    mock.wait_requests(0).await;
+    mock.script([Fault::Delay(Duration::from_millis(500))]);
+    let client = client(&mock, false);
+    let started = Instant::now();
+    let request = {
+        let (client, url) = (client.clone(), format!("{}{PUSH}", mock.url()));
+        tokio::spawn(async move {
+            try_send(
+                &client,
+                Method::POST,
+                &url,
+                &[("authorization", TOKEN)],
+                "{}",
+            )
+            .await
+            .map(|r| r.status)
+            .map_err(|e| e.to_string())
+        })
+    };
+    mock.wait_requests(1).await;
+    assert!(!request.is_finished());
+    assert_eq!(
+        mock.delivered_count(),
+        0,
+        "the delay comes before acceptance"
+    );
+    let status = request.await.expect("task").expect("answer");
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(mock.delivered_count(), 1);
+}
+
+#[tokio::test]
+async fn limits_answer_429() {
+    let mock = MockLine::start().await;
+    mock.script([
+        Fault::RateLimited {
+            retry_after: Some(7),
+        },
+        Fault::RateLimited { retry_after: None },
+        Fault::MonthlyLimit,
+    ]);
+    let client = client(&mock, false);
+    let first = push(&client, &mock, Some(KEY)).await;
+    assert_eq!(first.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(first.header("retry-after"), "7");
+    assert_eq!(
+        first.json()["message"],
+        "The API rate limit has been exceeded. Try again later."
+    );
+    let second = push(&client, &mock, Some(KEY)).await;
+    assert!(second.headers.get("retry-after").is_none());
+    let third = push(&client, &mock, Some(KEY)).await;
+    assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        third.json()["message"],
+        "You have reached your monthly limit."
+    );
+    assert_eq!(mock.delivered_count(), 0);
+    assert_eq!(push(&client, &mock, Some(KEY)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_other_endpoints() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let cases = [
+        (
+            Method::GET,
+            "/v2/bot/info",
+            StatusCode::OK,
+            json!({"userId": "Ubot", "basicId": "@bot", "displayName": "mock"}),
+        ),
+        (
+            Method::GET,
+            "/v2/bot/message/quota",
+            StatusCode::OK,
+            json!({"type": "limited", "value": 1000}),
+        ),
+        (
+            Method::POST,
+            "/v2/bot/message/validate/push",
+            StatusCode::OK,
+            json!({}),
+        ),
+        (
+            Method::POST,
+            "/v2/bot/message/narrowcast",
+            StatusCode::ACCEPTED,
+            json!({}),
+        ),
+        (
+            Method::POST,
+            "/v2/bot/message/broadcast",
+            StatusCode::OK,
+            json!({}),
+        ),
+        (
+            Method::GET,
+            "/v2/bot/nothing",
+            StatusCode::NOT_FOUND,
+            json!({"message": "Not found"}),
+        ),
+        (
+            Method::GET,
+            PUSH,
+            StatusCode::NOT_FOUND,
+            json!({"message": "Not found"}),
+        ),
+    ];
+    let mut ids = std::collections::HashSet::new();
+    for (method, path, status, body) in cases {
+        let reply = call(&client, &mock, method, path).await;
+        assert_eq!((reply.status, reply.json()), (status, body), "{path}");
+        assert_eq!(reply.header("content-type"), "application/json");
+        assert!(ids.insert(reply.header("x-line-request-id").to_owned()));
+    }
+    assert_eq!(mock.delivered_count(), 2, "narrowcast and broadcast");
+}
+
+#[tokio::test]
+async fn echo_shows_what_arrived() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let url = format!("{}/echo/x?q=1", mock.url());
+    let headers = [("x-a", "1"), ("x-a", "2"), ("x-b", "b")];
+    let reply = try_send(&client, Method::PUT, &url, &headers, "hello")
+        .await
+        .expect("answer");
+    assert_eq!(reply.status, StatusCode::OK);
+    let seen = reply.json();
+    assert_eq!(seen["method"], "PUT");
+    assert_eq!(seen["path"], "/echo/x?q=1");
+    assert_eq!(seen["headers"]["x-a"], "1, 2");
+    assert_eq!(seen["headers"]["x-b"], "b");
+    assert_eq!(seen["body_len"], 5);
+    assert_eq!(mock.requests()[0].path, "/echo/x?q=1");
+}
+
+#[tokio::test]
+async fn stream_sends_n_patterned_bytes_in_chunks() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let len = 3 * STREAM_CHUNK + 5;
+    let url = format!("{}/stream/{len}", mock.url());
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let res = client.request(req).await.expect("answer");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.headers().get("content-length").is_none(),
+        "streamed, not sized"
+    );
+    let mut body = res.into_body();
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("frame").into_data() {
+            frames.push(data);
+        }
+    }
+    let all: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+    assert_eq!(Bytes::from(all), stream_body(len));
+    assert!(frames.len() >= 4, "{} frames", frames.len());
+}
+
+#[tokio::test]
+async fn plain_mode_serves_http() {
+    let mock = MockLine::start_plain().await;
+    assert!(mock.url().starts_with("http://127.0.0.1:"));
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let url = format!("{}{PUSH}", mock.url());
+    let reply = try_send(
+        &client,
+        Method::POST,
+        &url,
+        &[("authorization", TOKEN)],
+        "{}",
+    )
+    .await
+    .expect("answer");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(mock.delivered_count(), 1);
+    assert_eq!(mock.connections(), 1);
+}
+
+#[tokio::test]
+async fn the_ca_file_matches_the_pem() {
+    let mock = MockLine::start().await;
+    assert!(mock.url().starts_with("https://127.0.0.1:"));
+    let file = std::fs::read_to_string(mock.ca_path()).expect("ca.pem");
+    assert_eq!(file, mock.ca_pem());
+    assert!(mock.ca_path().starts_with(&mock.pki().dir));
+    let dir = mock.pki().dir.clone();
+    drop(mock);
+    assert!(!dir.exists(), "the PKI cleans up after itself");
+}
+
+#[tokio::test]
+async fn an_untrusting_client_is_refused() {
+    let mock = MockLine::start().await;
+    let stranger = support::pki::TestPki::new();
+    let config = (*stranger.client_config_alpn(&[])).clone();
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Https = Client::builder(TokioExecutor::new()).build(connector);
+    let url = format!("{}/v2/bot/info", mock.url());
+    assert!(
+        try_send(&client, Method::GET, &url, &[("authorization", TOKEN)], "")
+            .await
+            .is_err()
+    );
+    assert_eq!(mock.requests().len(), 0);
+}
+
+#[tokio::test]
+async fn shutdown_ends_hanging_requests_and_closes_the_port() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::Hang]);
+    let client = client(&mock, false);
+    let hanging = {
+        let (client, url) = (client.clone(), format!("{}{PUSH}", mock.url()));
+        tokio::spawn(async move {
+            try_send(
+                &client,
+                Method::POST,
+                &url,
+                &[("authorization", TOKEN)],
+                "{}",
+            )
+            .await
+            .map(|r| r.status)
+            .map_err(|e| e.to_string())
+        })
+    };
+    mock.wait_requests(1).await;
+    mock.shutdown().await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), hanging)
+        .await
+        .expect("shutdown ended the hang")
+        .expect("task");
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(tokio::net::TcpStream::connect(mock.addr()).await.is_err());
+    assert_eq!(mock.requests().len(), 1, "records survive shutdown");
+}
+
+#[tokio::test]
+async fn dropping_the_mock_ends_hanging_requests() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::AcceptThenHang]);
+    let client = client(&mock, true);
+    let hanging = {
+        let (client, url) = (client.clone(), format!("{}{PUSH}", mock.url()));
+        tokio::spawn(async move {
+            try_send(
+                &client,
+                Method::POST,
+                &url,
+                &[("authorization", TOKEN)],
+                "{}",
+            )
+            .await
+            .map(|r| r.status)
+            .map_err(|e| e.to_string())
+        })
+    };
+    mock.wait_requests(1).await;
+    drop(mock);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), hanging)
+        .await
+        .expect("drop ended the hang")
+        .expect("task");
+    assert!(outcome.is_err(), "{outcome:?}");
+}
