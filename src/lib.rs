@@ -6,7 +6,8 @@
 //! bot's own resend gets the original answer instead of a second message.
 //!
 //! # Layout
-//! - [`config`]: command line + environment + TOML file → one validated `Config`.
+//! - [`config`]: command line + environment + TOML file (its `sources`) → values
+//!   validated by name → one `Config`.
 //! - [`app`]: the composition root; `run(app, listener, admin, shutdown)`.
 //! - [`listener`]: the proxy port: accept loop, connections, routing by request form.
 //! - [`connect`]: `CONNECT`: intercept (TLS with our CA), tunnel, or refuse.
