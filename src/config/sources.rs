@@ -160,7 +160,12 @@ pub(super) fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
             .map(|s| {
                 format!(
                     " (line {})",
-                    text[..s.start.min(text.len())].lines().count().max(1)
+                    // Bytes, not a str slice: a span inside a multi-byte character must not panic.
+                    text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                        + 1
                 )
             })
             .unwrap_or_default();
