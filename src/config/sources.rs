@@ -93,7 +93,7 @@ pub struct ServeArgs {
     /// Client connections served at once; more wait in the kernel backlog [default: 4096]
     #[arg(long, env = "LINE_RETRY_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<String>,
-    /// Time a client has to send a request head [default: 10s]
+    /// Time a client has to send a request head; idle keep-alive connections close after it [default: 10s]
     #[arg(long, env = "LINE_RETRY_PROXY_HEADER_TIMEOUT", value_name = "DUR")]
     pub header_timeout: Option<String>,
     /// Time a client has to finish a TLS handshake inside CONNECT [default: 10s]
