@@ -349,3 +349,25 @@ impl Process {
         .status
     }
 }
+
+/// Host lists are reloadable too: a tunnel refused before SIGHUP is opened after it.
+#[tokio::test]
+async fn sighup_reloads_the_tunnel_allowlist() {
+    let mock = MockLine::start().await;
+    let dir = temp_dir("hup");
+    let file = dir.join("proxy.toml");
+    std::fs::write(&file, "tunnel-allow = []\n").unwrap();
+    let mut proxy = Process::start(&mock, &[&format!("--config={}", file.display())], &[]).await;
+    let listen: std::net::SocketAddr = proxy.listen.parse().unwrap();
+    let connect = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", mock.addr());
+
+    let (_, before, _) = support::tunnel::connect_raw(listen, &connect).await;
+    assert_eq!(before, 403);
+    std::fs::write(&file, "tunnel-allow = [\"127.0.0.1\"]\n").unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_for_log("configuration reloaded").await;
+    let (_, after, _) = support::tunnel::connect_raw(listen, &connect).await;
+    assert_eq!(after, 200);
+    proxy.signal("-TERM");
+    assert_eq!(proxy.child.wait().await.unwrap().code(), Some(0));
+}
