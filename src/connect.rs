@@ -23,15 +23,16 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::app::App;
 use crate::error::ProxyError;
-use crate::listener::{authorized, serve_connection, Front};
+use crate::listener::{authorized, serve_connection, ConnectionSlot, Front};
 use crate::pipeline::{full, respond, ProxyBody};
 
 pub async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    slot: ConnectionSlot,
 ) -> Response<ProxyBody> {
-    match open(&app, req, peer).await {
+    match open(&app, req, peer, slot).await {
         Ok(res) => res,
         Err(err) => {
             app.metrics.connect_refused();
@@ -45,6 +46,7 @@ async fn open(
     app: &Arc<App>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    slot: ConnectionSlot,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if !authorized(app, req.headers()) {
         return Err(ProxyError::ProxyAuthRequired);
@@ -65,7 +67,9 @@ async fn open(
     if live.policy.intercepts(&host) {
         let upgrade = hyper::upgrade::on(&mut req);
         let task_app = app.clone();
+        let permit = slot.take();
         app.tasks.spawn(async move {
+            let _permit = permit;
             match upgrade.await {
                 Ok(upgraded) => intercept(task_app, upgraded, host, peer).await,
                 Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
@@ -96,7 +100,9 @@ async fn open(
     let _ = target.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut req);
     let task_app = app.clone();
+    let permit = slot.take();
     app.tasks.spawn(async move {
+        let _permit = permit;
         match upgrade.await {
             Ok(upgraded) => tunnel(task_app, upgraded, target).await,
             Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use http::{Method, Request, Response, Version};
@@ -15,18 +15,35 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::app::App;
 use crate::error::ProxyError;
 use crate::pipeline::{self, forward, respond, ProxyBody};
 use crate::store::BoxFuture;
 
+/// A connection's place under `max-connections`. A CONNECT turns the connection into
+/// a tunnel that outlives the HTTP connection, so the tunnel takes the place with it.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl ConnectionSlot {
+    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
+        match self.0.lock() {
+            Ok(mut permit) => permit.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+}
+
 /// Where a connection came from: decides how its requests are routed.
 #[derive(Debug, Clone)]
 pub enum Front {
     /// The proxy port itself.
-    Listener { peer: SocketAddr },
+    Listener {
+        peer: SocketAddr,
+        slot: ConnectionSlot,
+    },
     /// Decrypted from a CONNECT tunnel to an intercepted host: every request is for LINE.
     Intercepted { peer: SocketAddr },
 }
@@ -53,10 +70,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let conn_app = app.clone();
-        app.tasks.spawn(async move {
-            serve_connection(conn_app, stream, Front::Listener { peer }).await;
-            drop(permit);
-        });
+        // Released when the connection and every clone of its front are gone, unless a
+        // CONNECT tunnel took it along.
+        let slot = ConnectionSlot(Arc::new(Mutex::new(Some(permit))));
+        app.tasks.spawn(serve_connection(
+            conn_app,
+            stream,
+            Front::Listener { peer, slot },
+        ));
     }
 }
 
@@ -103,9 +124,9 @@ where
 async fn route(app: Arc<App>, req: Request<Incoming>, front: Front) -> Response<ProxyBody> {
     match front {
         Front::Intercepted { .. } => pipeline::handle(app, req).await,
-        Front::Listener { peer } => {
+        Front::Listener { peer, slot } => {
             if req.method() == Method::CONNECT {
-                crate::connect::handle(app, req, peer).await
+                crate::connect::handle(app, req, peer, slot).await
             } else if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
                 absolute_form(app, req).await
             } else {

@@ -415,3 +415,45 @@ async fn shutdown_closes_open_tunnels() {
     );
     assert!(stopped.await.unwrap(), "nothing was left running");
 }
+
+#[tokio::test]
+async fn open_tunnels_count_against_the_connection_limit() {
+    let mock = MockLine::start().await;
+    let proxy = Proxy::start(&mock, &["--max-connections=2"]).await;
+    let config = tunnel::client_config(&ca_pem(&proxy), &[b"http/1.1"]);
+    // Two intercepted tunnels, handshaken and idle: the HTTP connections that carried the
+    // CONNECTs are gone, the tunnels are not.
+    let first = tunnel::tls(
+        connect(proxy.addr, "api.line.me:443").await,
+        "api.line.me",
+        config.clone(),
+    )
+    .await
+    .unwrap();
+    let second = tunnel::tls(
+        connect(proxy.addr, "api.line.me:443").await,
+        "api.line.me",
+        config.clone(),
+    )
+    .await
+    .unwrap();
+    let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), closed_by_peer(&mut third)).await;
+    assert_eq!(closed.ok(), Some(true), "two tunnels fill a limit of two");
+    drop(first);
+    while proxy.metric("line_retry_proxy_tunnels_open").await > 1.0 {
+        tokio::task::yield_now().await;
+    }
+    let reply = tunnel::request(
+        second,
+        tunnel::push_request(PUSH_URL, TOKEN, &push_body("room again")),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        push(&proxy, &push_body("and a new connection"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
