@@ -10,7 +10,7 @@ use moka::sync::Cache;
 use tokio::sync::watch;
 
 use super::{Answer, BoxFuture, Claim, Store, StoreError, StoreStats, Ticket};
-use crate::pipeline::fingerprint::Fingerprint;
+use crate::pipeline::fingerprint::{BuildFingerprintHasher, Fingerprint};
 
 #[derive(Clone)]
 enum Slot {
@@ -54,7 +54,7 @@ impl moka::Expiry<Fingerprint, Slot> for PerEntryTtl {
 }
 
 pub struct MemoryStore {
-    cache: Cache<Fingerprint, Slot>,
+    cache: Cache<Fingerprint, Slot, BuildFingerprintHasher>,
     next_owner: AtomicU64,
 }
 
@@ -70,7 +70,7 @@ impl MemoryStore {
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
-            .build();
+            .build_with_hasher(BuildFingerprintHasher::default());
         MemoryStore {
             cache,
             next_owner: AtomicU64::new(1),
@@ -125,7 +125,7 @@ impl Store for MemoryStore {
 }
 
 struct MemoryTicket {
-    cache: Cache<Fingerprint, Slot>,
+    cache: Cache<Fingerprint, Slot, BuildFingerprintHasher>,
     fp: Fingerprint,
     owner: u64,
     tx: Option<watch::Sender<Option<Arc<Answer>>>>,
