@@ -10,6 +10,7 @@
 //! Every tunnel task is tracked: shutdown drains intercepted connections request by
 //! request and closes opaque tunnels.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -65,15 +66,9 @@ async fn open(
     let live = app.live();
 
     if live.policy.intercepts(&host) {
-        let upgrade = hyper::upgrade::on(&mut req);
         let task_app = app.clone();
-        let permit = slot.take();
-        app.tasks.spawn(async move {
-            let _permit = permit;
-            match upgrade.await {
-                Ok(upgraded) => intercept(task_app, upgraded, host, peer).await,
-                Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
-            }
+        after_upgrade(app, &mut req, &slot, move |upgraded| {
+            intercept(task_app, upgraded, host, peer)
         });
         return Ok(established());
     }
@@ -98,17 +93,29 @@ async fn open(
         }
     };
     let _ = target.set_nodelay(true);
-    let upgrade = hyper::upgrade::on(&mut req);
     let task_app = app.clone();
+    after_upgrade(app, &mut req, &slot, move |upgraded| {
+        tunnel(task_app, upgraded, target)
+    });
+    Ok(established())
+}
+
+/// Runs `then` on the raw connection once the 200 has gone out, in a tracked task that
+/// takes the connection's place under `max-connections` along.
+fn after_upgrade<F, Fut>(app: &App, req: &mut Request<Incoming>, slot: &ConnectionSlot, then: F)
+where
+    F: FnOnce(Upgraded) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let upgrade = hyper::upgrade::on(req);
     let permit = slot.take();
     app.tasks.spawn(async move {
         let _permit = permit;
         match upgrade.await {
-            Ok(upgraded) => tunnel(task_app, upgraded, target).await,
+            Ok(upgraded) => then(upgraded).await,
             Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
         }
     });
-    Ok(established())
 }
 
 fn established() -> Response<ProxyBody> {
