@@ -94,7 +94,12 @@ impl Sender<'_> {
             let wait = self.next_wait(attempt, failure, answer.as_ref(), &backoff, &mut rng);
             let fits = wait.is_some_and(|w| Instant::now() + w < deadline);
             if !fits {
-                tracing::debug!(attempt, reason = failure.label(), "giving up");
+                tracing::warn!(
+                    endpoint = self.endpoint.name(),
+                    attempts = attempt,
+                    reason = failure.label(),
+                    "giving up on the upstream (RUST_LOG=line_retry_proxy=debug shows each attempt's cause)"
+                );
                 return exhausted(answer, attempt, failure);
             }
             if !self.budget.try_withdraw() {
@@ -122,6 +127,9 @@ impl Sender<'_> {
         *req.uri_mut() = out.uri.clone();
         *req.headers_mut() = out.headers.clone();
         let res = self.upstream.request(req).await.map_err(|e| {
+            // The cause (refused, certificate not trusted, reset, …) is what an operator
+            // needs; hyper's own message is only "client error (Connect)".
+            tracing::debug!(endpoint = self.endpoint.name(), error = %chain(&e), "upstream attempt failed");
             if e.is_connect() {
                 AttemptFailure::Connect
             } else {
@@ -177,6 +185,18 @@ impl Sender<'_> {
         }
         Some(jittered)
     }
+}
+
+/// An error and its causes on one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// No more attempts: LINE's last answer if there was one, else the transport failure.
