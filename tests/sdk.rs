@@ -217,3 +217,11 @@ async fn node_sdk_through_https_proxy() {
         Err(why) => println!("node sdk test skipped: {why}"),
     }
 }
+
+#[tokio::test]
+async fn node_sdk_with_base_url() {
+    match node() {
+        Ok(_) => push_twice("node-base-url", node_push).await,
+        Err(why) => println!("node sdk test skipped: {why}"),
+    }
+}
