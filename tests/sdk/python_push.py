@@ -59,9 +59,9 @@ def v3(mode):
     if mode == "v3-base-url":
         configuration = Configuration(host=os.environ["LRP_BASE_URL"], access_token=token)
     else:
-        configuration = Configuration(access_token=token)
+        # As the README shows it: the CA through the constructor, the proxy as an attribute.
+        configuration = Configuration(access_token=token, ssl_ca_cert=os.environ["LRP_CA_FILE"])
         configuration.proxy = os.environ["LRP_PROXY_URL"]
-        configuration.ssl_ca_cert = os.environ["LRP_CA_FILE"]
     with ApiClient(configuration) as client:
         request = PushMessageRequest(to=os.environ["LRP_TO"], messages=[TextMessage(text=os.environ["LRP_TEXT"])])
         answer = MessagingApi(client).push_message_with_http_info(request)
