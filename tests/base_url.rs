@@ -606,3 +606,30 @@ async fn malformed_and_truncated_requests_never_reach_line() {
         StatusCode::OK
     );
 }
+
+/// A window shorter than LINE's 24 h: identical within it is a replay; identical after it
+/// is a new message, with a new key, so LINE delivers it instead of answering 409.
+#[tokio::test]
+async fn after_a_short_dedup_window_an_identical_push_is_a_new_send() {
+    let mock = MockLine::start().await;
+    let dir = support::proxy::temp_dir("cfg");
+    let file = dir.join("proxy.toml");
+    std::fs::write(&file, "[endpoints.push]\ndedup-window = \"1s\"\n").unwrap();
+    let arg = format!("--config={}", file.display());
+    let proxy = Proxy::start(&mock, &[&arg]).await;
+    let body = push_body("good morning");
+
+    let first = push(&proxy, &body).await;
+    let again = push(&proxy, &body).await;
+    assert_eq!(again.outcome(), "replayed");
+    // The window is time itself: nothing to await but the clock.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = push(&proxy, &body).await;
+    assert_eq!(later.status, StatusCode::OK);
+    assert_eq!(later.outcome(), "fresh");
+    assert_ne!(
+        later.header("x-line-retry-key"),
+        first.header("x-line-retry-key")
+    );
+    assert_eq!(mock.delivered_count(), 2);
+}

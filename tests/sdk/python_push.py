@@ -1,18 +1,29 @@
-"""Send one push the way a bot does, with the official Python SDK.
+"""Send one push the way a bot does, with the official Python SDK (line-bot-sdk 3.x).
 
 Usage: python_push.py MODE, MODE one of
-  legacy-proxy     linebot.LineBotApi, default endpoint, reaching the proxy only through
-                   HTTPS_PROXY and trusting it through REQUESTS_CA_BUNDLE (set by the caller)
+  legacy-proxy     linebot.LineBotApi with its default endpoint (https://api.line.me),
+                   reaching the proxy only through HTTPS_PROXY and trusting it through
+                   REQUESTS_CA_BUNDLE (both set by the caller; requests reads them)
   legacy-base-url  LineBotApi(token, endpoint=LRP_BASE_URL)
-  v3-proxy         linebot.v3 client with Configuration.proxy = LRP_PROXY_URL and
-                   Configuration.ssl_ca_cert = LRP_CA_FILE (it ignores HTTPS_PROXY)
-  v3-base-url      linebot.v3 client with Configuration(host=LRP_BASE_URL)
-Environment: LRP_TOKEN (channel access token), LRP_TO (user id), LRP_TEXT (message).
-Prints one JSON line: mode, status, sent_messages, request_id, retry_key, outcome.
+  v3-proxy         linebot.v3.messaging sync client, default host, with
+                   Configuration.proxy = LRP_PROXY_URL and Configuration.ssl_ca_cert =
+                   LRP_CA_FILE (its urllib3 client ignores HTTPS_PROXY)
+  v3-base-url      linebot.v3.messaging with Configuration(host=LRP_BASE_URL)
+Environment: LRP_TOKEN (channel access token), LRP_TO (user id), LRP_TEXT (message text).
+
+Prints exactly one JSON line on stdout:
+  {"mode", "status", "sent_messages": [{"id", "quoteToken"}], "request_id", "retry_key", "outcome"}
+(the last three are the x-line-request-id, x-line-retry-key and x-line-retry-proxy
+response headers, null when absent) and exits 0; on any error it prints
+  {"mode", "error": "<type>: <message>", "status": <HTTP status or null>}
+and exits 1 (2 for an unknown mode).
 """
 import json
 import os
 import sys
+import warnings
+
+MODES = ("legacy-proxy", "legacy-base-url", "v3-proxy", "v3-base-url")
 
 
 def header(headers, name):
@@ -22,13 +33,28 @@ def header(headers, name):
     return None
 
 
+def result(status, sent_messages, headers):
+    return {
+        "status": status,
+        "sent_messages": sent_messages,
+        "request_id": header(headers, "x-line-request-id"),
+        "retry_key": header(headers, "x-line-retry-key"),
+        "outcome": header(headers, "x-line-retry-proxy"),
+    }
+
+
 def legacy(mode):
     from linebot import LineBotApi
+    from linebot.deprecations import LineBotSdkDeprecatedIn30
     from linebot.http_client import RequestsHttpClient
     from linebot.models import TextSendMessage
 
+    # Every legacy call warns on stderr that it is deprecated; real bots still use it.
+    warnings.simplefilter("ignore", LineBotSdkDeprecatedIn30)
+
     class Recording(RequestsHttpClient):
-        """The SDK's own requests client; keeps the last answer, which push_message drops."""
+        """The SDK's own requests client, unchanged, keeping the last answer:
+        LineBotApi.push_message returns None, so this is the only way to its headers."""
 
         last = None
 
@@ -43,46 +69,54 @@ def legacy(mode):
     api = LineBotApi(os.environ["LRP_TOKEN"], **kwargs)
     api.push_message(os.environ["LRP_TO"], TextSendMessage(text=os.environ["LRP_TEXT"]))
     response = Recording.last
-    return {
-        "status": response.status_code,
-        "sent_messages": response.json.get("sentMessages"),
-        "request_id": header(response.headers, "x-line-request-id"),
-        "retry_key": header(response.headers, "x-line-retry-key"),
-        "outcome": header(response.headers, "x-line-retry-proxy"),
-    }
+    return result(response.status_code, response.json.get("sentMessages"), response.headers)
 
 
 def v3(mode):
-    from linebot.v3.messaging import ApiClient, Configuration, MessagingApi, PushMessageRequest, TextMessage
+    from linebot.v3.messaging import (
+        ApiClient,
+        Configuration,
+        MessagingApi,
+        PushMessageRequest,
+        TextMessage,
+    )
 
     token = os.environ["LRP_TOKEN"]
     if mode == "v3-base-url":
         configuration = Configuration(host=os.environ["LRP_BASE_URL"], access_token=token)
     else:
-        # As the README shows it: the CA through the constructor, the proxy as an attribute.
-        configuration = Configuration(access_token=token, ssl_ca_cert=os.environ["LRP_CA_FILE"])
+        configuration = Configuration(access_token=token)
         configuration.proxy = os.environ["LRP_PROXY_URL"]
+        configuration.ssl_ca_cert = os.environ["LRP_CA_FILE"]
+    request = PushMessageRequest(
+        to=os.environ["LRP_TO"], messages=[TextMessage(text=os.environ["LRP_TEXT"])]
+    )
     with ApiClient(configuration) as client:
-        request = PushMessageRequest(to=os.environ["LRP_TO"], messages=[TextMessage(text=os.environ["LRP_TEXT"])])
         answer = MessagingApi(client).push_message_with_http_info(request)
     sent = [{"id": m.id, "quoteToken": m.quote_token} for m in answer.data.sent_messages]
-    return {
-        "status": answer.status_code,
-        "sent_messages": sent,
-        "request_id": header(answer.headers, "x-line-request-id"),
-        "retry_key": header(answer.headers, "x-line-retry-key"),
-        "outcome": header(answer.headers, "x-line-retry-proxy"),
-    }
+    return result(answer.status_code, sent, answer.headers)
+
+
+def error_status(error):
+    # LineBotApiError.status_code (legacy), ApiException.status (v3)
+    for name in ("status_code", "status"):
+        value = getattr(error, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def main():
-    mode = sys.argv[1]
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode not in MODES:
+        print(json.dumps({"mode": mode, "error": f"usage: python_push.py {{{'|'.join(MODES)}}}", "status": None}))
+        return 2
     try:
-        result = legacy(mode) if mode.startswith("legacy-") else v3(mode)
+        answer = legacy(mode) if mode.startswith("legacy-") else v3(mode)
     except Exception as error:  # the caller reads the type and message
-        print(json.dumps({"mode": mode, "error": f"{type(error).__name__}: {error}"}))
+        print(json.dumps({"mode": mode, "error": f"{type(error).__name__}: {error}", "status": error_status(error)}))
         return 1
-    print(json.dumps({"mode": mode, **result}))
+    print(json.dumps({"mode": mode, **answer}))
     return 0
 
 
