@@ -85,9 +85,10 @@ def v3(mode):
     if mode == "v3-base-url":
         configuration = Configuration(host=os.environ["LRP_BASE_URL"], access_token=token)
     else:
-        configuration = Configuration(access_token=token)
+        # The v3 client ignores HTTPS_PROXY. Written as the README shows it: the CA
+        # through the constructor, the proxy as an attribute (there is no such argument).
+        configuration = Configuration(access_token=token, ssl_ca_cert=os.environ["LRP_CA_FILE"])
         configuration.proxy = os.environ["LRP_PROXY_URL"]
-        configuration.ssl_ca_cert = os.environ["LRP_CA_FILE"]
     request = PushMessageRequest(
         to=os.environ["LRP_TO"], messages=[TextMessage(text=os.environ["LRP_TEXT"])]
     )
