@@ -2,57 +2,72 @@
 //! first use. It signs a short-lived leaf, with a key of its own, per intercepted host.
 //!
 //! Whoever holds `ca.key` can impersonate any site to a process that trusts `ca.pem`,
-//! so the key is written 0600 from the first byte (never chmod-ed afterwards) and a
-//! key file others can read or anyone but its owner can write is refused.
+//! so the key is created 0600 from its first byte, and a key file that others can read
+//! or anyone but its owner can write is refused.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, Ia5String,
+    IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
+use rustls::crypto::{ring, SecureRandom};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::sign::CertifiedKey;
 
 const CERT_FILE: &str = "ca.pem";
 const KEY_FILE: &str = "ca.key";
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Clocks disagree; a certificate valid only from "now" fails on a bot running behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(3600);
-/// Group-read is tolerated (Kubernetes secret volumes with fsGroup are 0440); nothing else.
-const FORBIDDEN_KEY_BITS: u32 = 0o037;
+/// 9999-12-31T23:59:59Z, the last instant X.509 can encode; later ones panic in `time`.
+const LAST_X509_SECOND: u64 = 253_402_300_799;
+/// RFC 5280's upper bound for a common name; longer names go in the SAN only.
+const MAX_CN_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} exists but {missing} does not: restore it, or remove both to create a new CA")]
-    Incomplete { path: PathBuf, missing: PathBuf },
-    #[error("{path} is accessible to others (mode {mode:o}): run chmod 600 on it")]
-    KeyPermissions { path: PathBuf, mode: u32 },
-    #[error("the CA certificate is not a CA (no basicConstraints CA:TRUE)")]
-    NotACa,
-    #[error("the CA key does not belong to the CA certificate")]
-    KeyMismatch,
-    #[error("invalid CA material: {0}")]
-    Invalid(String),
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("{0} is missing but {1} exists: restore it, or remove both to create a new CA")]
+    Incomplete(PathBuf, PathBuf),
+    #[error("{0} is too open (mode {1:03o}): run `chmod 600 {0}`")]
+    KeyPermissions(PathBuf, u32),
+    /// Where the material came from (a path, or "CA certificate"/"CA key"), and why.
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+    #[error("{0}: not a CA certificate (basicConstraints CA:TRUE is missing)")]
+    NotACa(String),
+    #[error("{key} does not belong to the certificate in {cert}")]
+    KeyMismatch { cert: String, key: String },
+    #[error("invalid host {0:?}: expected a DNS name or an IP address, without port")]
+    InvalidHost(String),
+    #[error("invalid leaf lifetime {0:?}: must be positive and end before the year 10000")]
+    InvalidLifetime(Duration),
+    #[error("the system random number generator failed")]
+    Random,
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 pub struct CertificateAuthority {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
-    /// The CA as rcgen needs it to sign: same subject and key identifier as `ca.pem`.
+    /// rcgen signs with a `Certificate`, not DER: this one is re-made from `cert_der`'s
+    /// subject and key identifier, so leaves name the original as their issuer.
     issuer: Certificate,
     key: KeyPair,
+    random: &'static dyn SecureRandom,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -74,90 +89,119 @@ impl CertificateAuthority {
     pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
         let cert_path = dir.join(CERT_FILE);
         let key_path = dir.join(KEY_FILE);
-        match (cert_path.exists(), key_path.exists()) {
+        match (exists(&cert_path)?, exists(&key_path)?) {
             (true, true) => {
-                check_key_permissions(&key_path)?;
-                let cert_pem = read(&cert_path)?;
-                let key_pem = read(&key_path)?;
-                CertificateAuthority::from_pem(&cert_pem, &key_pem)
+                let key_pem = read_private(&key_path)?;
+                let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+                let origin = |path: &Path| path.display().to_string();
+                Self::build(&cert_pem, &key_pem, &origin(&cert_path), &origin(&key_path))
             }
             (false, false) => {
-                let ca = CertificateAuthority::generate()?;
+                let ca = Self::generate()?;
                 fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
                     .create(dir)
-                    .map_err(|source| CaError::Io {
-                        path: dir.to_owned(),
-                        source,
-                    })?;
-                // Key first: a crash between the two leaves no certificate without its key.
-                write_atomically(&key_path, ca.key.serialize_pem().as_bytes(), 0o600)?;
-                write_atomically(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
+                    .map_err(io(dir))?;
+                // Key first, and never over an existing one: of two processes creating
+                // the CA at once, the loser fails here instead of pairing its ca.pem
+                // with the other's ca.key (on filesystems with hard links).
+                place_new(&key_path, ca.key.serialize_pem().as_bytes(), 0o600)?;
+                place_new(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
                 Ok(ca)
             }
-            (true, false) => Err(CaError::Incomplete {
-                path: cert_path,
-                missing: key_path,
-            }),
-            (false, true) => Err(CaError::Incomplete {
-                path: key_path,
-                missing: cert_path,
-            }),
+            (true, false) => Err(CaError::Incomplete(key_path, cert_path)),
+            (false, true) => Err(CaError::Incomplete(cert_path, key_path)),
         }
     }
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Invalid(format!("key: {e}")))?;
-        let cert_der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-            .next()
-            .ok_or_else(|| CaError::Invalid("no certificate in the PEM".into()))?
-            .map_err(|e| CaError::Invalid(format!("certificate: {e}")))?;
-        let params = CertificateParams::from_ca_cert_der(&cert_der)
-            .map_err(|e| CaError::Invalid(format!("certificate: {e}")))?;
-        if !matches!(params.is_ca, IsCa::Ca(_)) {
-            return Err(CaError::NotACa);
-        }
-        check_key_matches(&cert_der, &key)?;
-        // Re-signing the parsed parameters gives rcgen an issuer with the original
-        // subject and key identifier; leaves it signs chain to the original ca.pem.
-        let issuer = params.self_signed(&key)?;
-        Ok(CertificateAuthority {
-            cert_pem: cert_pem.to_owned(),
-            cert_der,
-            issuer,
-            key,
-        })
+        Self::build(cert_pem, key_pem, "CA certificate", "CA key")
     }
 
-    fn generate() -> Result<Self, CaError> {
-        let key = KeyPair::generate()?;
+    /// A new CA held in memory only.
+    pub fn generate() -> Result<Self, CaError> {
+        let random = ring::default_provider().secure_random;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "line-retry-proxy intercept CA");
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "line-retry-proxy");
+        let name = &mut params.distinguished_name;
+        name.push(DnType::CommonName, "line-retry-proxy intercept CA");
+        name.push(DnType::OrganizationName, "line-retry-proxy");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = SystemTime::now();
-        params.not_before = (now - CLOCK_SKEW).into();
+        let now = whole_seconds(SystemTime::now());
+        params.not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now).into();
         params.not_after = (now + CA_VALIDITY).into();
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(serial(random)?);
         let issuer = params.self_signed(&key)?;
-        let cert_pem = issuer.pem();
         let cert_der = issuer.der().clone();
         Ok(CertificateAuthority {
-            cert_pem,
+            cert_pem: pem_encode(&cert_der),
             cert_der,
             issuer,
             key,
+            random,
         })
+    }
+
+    fn build(
+        cert_pem: &str,
+        key_pem: &str,
+        cert_from: &str,
+        key_from: &str,
+    ) -> Result<Self, CaError> {
+        let cert_der = match rustls_pemfile::certs(&mut cert_pem.as_bytes()).next() {
+            Some(Ok(der)) => der,
+            Some(Err(e)) => return Err(invalid(cert_from, format!("unreadable PEM: {e}"))),
+            None => return Err(invalid(cert_from, "no PEM certificate found")),
+        };
+        let key = parse_key(key_pem).map_err(|reason| invalid(key_from, reason))?;
+        let params = CertificateParams::from_ca_cert_der(&cert_der)
+            .map_err(|e| invalid(cert_from, format!("unsupported certificate: {e}")))?;
+        if !matches!(params.is_ca, IsCa::Ca(_)) {
+            return Err(CaError::NotACa(cert_from.to_owned()));
+        }
+        let now = SystemTime::now();
+        if params.not_after < now || params.not_before > now {
+            return Err(invalid(cert_from, "expired or not yet valid"));
+        }
+        if !keys_match(&cert_der, &key) {
+            let (cert, key) = (cert_from.to_owned(), key_from.to_owned());
+            return Err(CaError::KeyMismatch { cert, key });
+        }
+        let ca = CertificateAuthority {
+            issuer: params.self_signed(&key)?,
+            cert_pem: pem_encode(&cert_der),
+            cert_der,
+            key,
+            random: ring::default_provider().secure_random,
+        };
+        ca.self_check().map_err(|e| {
+            let why = "repeated or multi-valued name attributes are not supported";
+            invalid(
+                cert_from,
+                format!("leaves signed with it do not verify ({e}); {why}"),
+            )
+        })?;
+        Ok(ca)
+    }
+
+    /// `issuer` is a re-encoding of the subject, and rcgen cannot reproduce every
+    /// subject exactly; leaves naming a different issuer would fail every handshake.
+    fn self_check(&self) -> Result<(), CaError> {
+        let probe = self.issue_leaf("probe.invalid", CLOCK_SKEW)?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert_der.clone())?;
+        let leaf = rustls::server::ParsedCertificate::try_from(&probe.chain[0])?;
+        let algs = ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        verify_server_cert_signed_by_trust_anchor(&leaf, &roots, &[], UnixTime::now(), algs)?;
+        Ok(())
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -169,165 +213,341 @@ impl CertificateAuthority {
     }
 
     pub fn issue_leaf(&self, host: &str, lifetime: Duration) -> Result<IssuedLeaf, CaError> {
-        // A leaf of its own key: a leaked leaf key is bounded to one host and one lifetime.
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![host.to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, host);
+        self.issue_leaf_at(host, lifetime, SystemTime::now())
+    }
+
+    pub(crate) fn issue_leaf_at(
+        &self,
+        host: &str,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedLeaf, CaError> {
+        let (san, name) = subject_alt_name(host)?;
+        // Certificates carry whole seconds; `not_after` must be the instant they encode.
+        let now = whole_seconds(now);
+        let not_after = now
+            .checked_add(lifetime)
+            .filter(|t| {
+                !lifetime.is_zero() && *t <= UNIX_EPOCH + Duration::from_secs(LAST_X509_SECOND)
+            })
+            .ok_or(CaError::InvalidLifetime(lifetime))?;
+        // A key per leaf: a leaked leaf key is bounded to one host and one lifetime.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![san];
+        // Never an empty subject: that would need a critical SAN, which rcgen cannot mark.
+        let subject = &mut params.distinguished_name;
+        *subject = rcgen::DistinguishedName::new();
+        subject.push(DnType::OrganizationName, "line-retry-proxy");
+        if name.len() <= MAX_CN_LEN {
+            subject.push(DnType::CommonName, name);
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        let now = SystemTime::now();
-        let not_after = now + lifetime;
-        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now).into();
         params.not_after = not_after.into();
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(serial(self.random)?);
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
         Ok(IssuedLeaf {
             chain: vec![cert.der().clone(), self.cert_der.clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             not_after,
         })
     }
 }
 
-fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    fastrand::fill(&mut bytes);
-    bytes[0] &= 0x7f; // a positive INTEGER
-    SerialNumber::from_slice(&bytes)
+/// The SAN for `host` and the name to put in the CN (IPv6 without brackets).
+fn subject_alt_name(host: &str) -> Result<(SanType, String), CaError> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok((SanType::IpAddress(ip), ip.to_string()));
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(CaError::InvalidHost(host.to_owned()));
+    }
+    let dns = Ia5String::try_from(host).map_err(|_| CaError::InvalidHost(host.to_owned()))?;
+    Ok((SanType::DnsName(dns), host.to_owned()))
 }
 
-fn check_key_matches(cert: &CertificateDer<'static>, key: &KeyPair) -> Result<(), CaError> {
-    let provider = rustls::crypto::ring::default_provider();
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing = provider
+/// Error texts are our own: a parser's could quote bytes of the key.
+fn parse_key(pem: &str) -> Result<KeyPair, &'static str> {
+    match rustls_pemfile::private_key(&mut pem.as_bytes()) {
+        Ok(Some(PrivateKeyDer::Pkcs8(der))) => KeyPair::try_from(der.secret_pkcs8_der())
+            .map_err(|_| "unsupported key (ECDSA P-256/P-384, Ed25519 or RSA expected)"),
+        Ok(Some(_)) => {
+            Err("the key must be PKCS#8 (convert it with `openssl pkcs8 -topk8 -nocrypt`)")
+        }
+        Ok(None) => Err("no unencrypted PEM private key found"),
+        Err(_) => Err("unreadable PEM"),
+    }
+}
+
+fn keys_match(cert: &CertificateDer<'static>, key: &KeyPair) -> bool {
+    let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    ring::default_provider()
         .key_provider
         .load_private_key(der)
-        .map_err(|e| CaError::Invalid(format!("key: {e}")))?;
-    rustls::sign::CertifiedKey::new(vec![cert.clone()], signing)
-        .keys_match()
-        .map_err(|_| CaError::KeyMismatch)
+        .is_ok_and(|signing| {
+            CertifiedKey::new(vec![cert.clone()], signing)
+                .keys_match()
+                .is_ok()
+        })
 }
 
-fn check_key_permissions(path: &Path) -> Result<(), CaError> {
-    let mode = fs::metadata(path)
-        .map_err(|source| CaError::Io {
-            path: path.to_owned(),
-            source,
-        })?
-        .permissions()
-        .mode();
+fn invalid(origin: &str, reason: impl Into<String>) -> CaError {
+    CaError::Invalid(origin.to_owned(), reason.into())
+}
+
+fn serial(random: &dyn SecureRandom) -> Result<SerialNumber, CaError> {
+    let mut bytes = [0u8; 16];
+    random.fill(&mut bytes).map_err(|_| CaError::Random)?;
+    // DER integers are signed and minimal: top bit clear, next bit set keeps all 16 bytes.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(t, |d| UNIX_EPOCH + Duration::from_secs(d.as_secs()))
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .flat_map(std::str::from_utf8)
+        .collect();
+    let body = lines.join("\n");
+    format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n")
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> CaError + '_ {
+    move |e| CaError::Io(path.to_owned(), e)
+}
+
+fn exists(path: &Path) -> Result<bool, CaError> {
+    path.try_exists().map_err(io(path))
+}
+
+/// Group-read is tolerated: a Kubernetes Secret mounted for a non-root user with
+/// fsGroup is root-owned, so 0440 is the tightest mode that user can read. Anything
+/// beyond that (group write, any access by others) is refused.
+const FORBIDDEN_KEY_BITS: u32 = 0o037;
+
+/// Checks the mode on the opened file, so what is checked is what is read.
+fn read_private(path: &Path) -> Result<String, CaError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    let mode = file.metadata().map_err(io(path))?.permissions().mode() & 0o777;
     if mode & FORBIDDEN_KEY_BITS != 0 {
-        return Err(CaError::KeyPermissions {
-            path: path.to_owned(),
-            mode: mode & 0o777,
-        });
+        return Err(CaError::KeyPermissions(path.to_owned(), mode));
     }
-    Ok(())
+    let mut pem = String::new();
+    file.read_to_string(&mut pem).map_err(io(path))?;
+    Ok(pem)
 }
 
-fn read(path: &Path) -> Result<String, CaError> {
-    fs::read_to_string(path).map_err(|source| CaError::Io {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Writes to a temporary name in the same directory, then renames: a crash never
-/// leaves a half-written file under the real name.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let io = |source| CaError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+/// Written under a temporary name in the same directory, then linked into place
+/// without replacing anything (renamed where hard links are unsupported): a crash
+/// never leaves a half file under the real name.
+fn place_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
+    let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", fastrand::u64(..)));
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(io)?;
-    file.write_all(contents)
+        .map_err(io(&tmp))?;
+    let placed = file
+        .write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+        .and_then(|()| match fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => fs::rename(&tmp, path),
+            linked => linked,
+        });
+    // Best effort: after a rename there is nothing left to remove.
+    let _ = fs::remove_file(&tmp);
+    placed.map_err(io(path))?;
+    // The new directory entry must survive a power loss as the contents do.
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn temp_dir() -> PathBuf {
-        let mut bytes = [0u8; 8];
-        fastrand::fill(&mut bytes);
-        std::env::temp_dir().join(format!(
-            "lrp-ca-test-{}-{:x}",
-            std::process::id(),
-            u64::from_le_bytes(bytes)
-        ))
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    fn temp_dir() -> TempDir {
+        let name = format!("lrp-ca-{}-{:x}", std::process::id(), fastrand::u64(..));
+        TempDir(std::env::temp_dir().join(name))
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn load_err(dir: &Path) -> String {
+        CertificateAuthority::load_or_create(dir)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn created_once_then_loaded() {
-        let dir = temp_dir().join("ca");
+        let tmp = temp_dir();
+        let dir = tmp.0.join("ca");
         let created = CertificateAuthority::load_or_create(&dir).unwrap();
-        let mode = fs::metadata(dir.join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600);
+        assert_eq!((mode(&dir), mode(&dir.join(KEY_FILE))), (0o700, 0o600));
+        let pem = fs::read_to_string(dir.join(CERT_FILE)).unwrap();
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            2,
+            "no temporary files left"
+        );
         let loaded = CertificateAuthority::load_or_create(&dir).unwrap();
-        assert_eq!(created.cert_pem(), loaded.cert_pem());
-        assert!(!format!("{loaded:?}").contains("PRIVATE"));
+        assert_eq!((created.cert_pem(), loaded.cert_pem()), (&*pem, &*pem));
+        assert_eq!(created.cert_der(), loaded.cert_der());
+        let debug = format!("{loaded:?}");
+        assert!(
+            debug.contains("***") && !debug.contains("PRIVATE"),
+            "{debug}"
+        );
     }
 
     #[test]
     fn a_missing_half_or_an_exposed_key_is_refused() {
-        let dir = temp_dir();
-        CertificateAuthority::load_or_create(&dir).unwrap();
-        fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
-        let err = CertificateAuthority::load_or_create(&dir).unwrap_err();
-        assert!(matches!(err, CaError::KeyPermissions { .. }), "{err}");
-        fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o440)).unwrap();
-        assert!(
-            CertificateAuthority::load_or_create(&dir).is_ok(),
-            "group-read is tolerated"
-        );
-        fs::remove_file(dir.join(KEY_FILE)).unwrap();
-        let err = CertificateAuthority::load_or_create(&dir).unwrap_err();
-        assert!(err.to_string().contains("ca.key"), "{err}");
+        let tmp = temp_dir();
+        let (cert, key) = (tmp.0.join(CERT_FILE), tmp.0.join(KEY_FILE));
+        CertificateAuthority::load_or_create(&tmp.0).unwrap();
+        for exposed in [0o644, 0o604, 0o620, 0o660] {
+            fs::set_permissions(&key, fs::Permissions::from_mode(exposed)).unwrap();
+            assert!(load_err(&tmp.0).contains("run `chmod 600 /"), "{exposed:o}");
+        }
+        for tolerated in [0o400, 0o440, 0o640] {
+            fs::set_permissions(&key, fs::Permissions::from_mode(tolerated)).unwrap();
+            CertificateAuthority::load_or_create(&tmp.0).unwrap();
+        }
+        let saved = fs::read(&key).unwrap();
+        fs::remove_file(&key).unwrap();
+        assert!(load_err(&tmp.0).contains("ca.key is missing"));
+        fs::write(&key, saved).unwrap();
+        fs::remove_file(&cert).unwrap();
+        assert!(load_err(&tmp.0).contains("ca.pem is missing"));
     }
 
     #[test]
     fn operator_material_is_validated() {
-        let a = CertificateAuthority::generate().unwrap();
-        let b = CertificateAuthority::generate().unwrap();
-        assert!(CertificateAuthority::from_pem(a.cert_pem(), &a.key.serialize_pem()).is_ok());
-        let err = CertificateAuthority::from_pem(a.cert_pem(), &b.key.serialize_pem()).unwrap_err();
-        assert!(matches!(err, CaError::KeyMismatch), "{err}");
+        let (a, b) = (
+            CertificateAuthority::generate().unwrap(),
+            CertificateAuthority::generate().unwrap(),
+        );
+        let a_key = a.key.serialize_pem();
+        assert!(CertificateAuthority::from_pem(a.cert_pem(), &a_key).is_ok());
+        let err = CertificateAuthority::from_pem(a.cert_pem(), &b.key.serialize_pem());
+        assert!(matches!(err, Err(CaError::KeyMismatch { .. })), "{err:?}");
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["x.test".to_owned()])
+        let leaf = CertificateParams::new(vec!["x.test".into()])
             .unwrap()
             .self_signed(&leaf_key)
             .unwrap();
-        let err =
-            CertificateAuthority::from_pem(&leaf.pem(), &leaf_key.serialize_pem()).unwrap_err();
-        assert!(matches!(err, CaError::NotACa), "{err}");
-        assert!(CertificateAuthority::from_pem("garbage", "garbage").is_err());
+        let err = CertificateAuthority::from_pem(&leaf.pem(), &leaf_key.serialize_pem());
+        assert!(matches!(err, Err(CaError::NotACa(_))), "{err:?}");
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMAA=\n-----END EC PRIVATE KEY-----\n";
+        for (cert, key, says) in [
+            ("garbage", &*a_key, "CA certificate: no PEM certificate"),
+            (
+                a.cert_pem(),
+                "garbage",
+                "CA key: no unencrypted PEM private key",
+            ),
+            (a.cert_pem(), sec1, "PKCS#8"),
+        ] {
+            let err = CertificateAuthority::from_pem(cert, key)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_ca_made_elsewhere_still_chains() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut params = CertificateParams::default();
+        let printable = |s: &str| rcgen::DnValue::PrintableString(s.try_into().unwrap());
+        let name = &mut params.distinguished_name;
+        *name = rcgen::DistinguishedName::new();
+        name.push(DnType::CountryName, printable("JP"));
+        name.push(DnType::CommonName, printable("Ops CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        CertificateAuthority::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
     }
 
     #[test]
     fn leaves_have_their_own_key_and_chain_to_the_ca() {
         let ca = CertificateAuthority::generate().unwrap();
-        let a = ca
-            .issue_leaf("api.line.me", Duration::from_secs(3600))
-            .unwrap();
-        let b = ca
-            .issue_leaf("api.line.me", Duration::from_secs(3600))
-            .unwrap();
-        assert_eq!(a.chain.len(), 2);
-        assert_eq!(&a.chain[1], ca.cert_der());
+        let hour = Duration::from_secs(3600);
+        let before = SystemTime::now();
+        let a = ca.issue_leaf("api.line.me", hour).unwrap();
+        let b = ca.issue_leaf("api.line.me", hour).unwrap();
+        assert_eq!((a.chain.len(), &a.chain[1]), (2, ca.cert_der()));
         assert_ne!(a.key.secret_der(), b.key.secret_der());
+        assert!(a.not_after > before + hour - Duration::from_secs(1));
+        assert!(a.not_after <= SystemTime::now() + hour);
+        let long = format!("{}.example", "a".repeat(60));
+        for host in ["127.0.0.1", "[::1]", "::1", "x_y.test", &long] {
+            ca.issue_leaf(host, hour).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_hosts_and_lifetimes_are_errors_not_panics() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let hour = Duration::from_secs(3600);
+        for host in [
+            "",
+            "api.line.me:443",
+            "a..b",
+            "a.b.",
+            "a b",
+            "bücher.de",
+            "fe80::1%eth0",
+        ] {
+            let err = ca.issue_leaf(host, hour);
+            assert!(matches!(err, Err(CaError::InvalidHost(_))), "{host}");
+        }
+        for lifetime in [
+            Duration::ZERO,
+            Duration::MAX,
+            Duration::from_secs(9000 * 365 * 86400),
+        ] {
+            let err = ca.issue_leaf("api.line.me", lifetime);
+            assert!(
+                matches!(err, Err(CaError::InvalidLifetime(_))),
+                "{lifetime:?}"
+            );
+        }
     }
 }

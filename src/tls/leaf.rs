@@ -1,22 +1,29 @@
 //! Per-host rustls server configs for intercepted tunnels, issued on first use and
 //! cached: a TLS handshake with a bot costs a lookup, not a key generation. A leaf
-//! is renewed (new key, new certificate) once less than a quarter of its life is left.
+//! is renewed (new key, new certificate) once less than a quarter of its life is left,
+//! so a long-running proxy never serves an expired one.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use moka::ops::compute::Op;
 use moka::sync::Cache;
+use rustls::crypto::CryptoProvider;
+use rustls::ServerConfig;
 
 use super::ca::{CaError, CertificateAuthority};
 
+#[derive(Clone)]
 struct Leaf {
-    config: Arc<rustls::ServerConfig>,
+    config: Arc<ServerConfig>,
     renew_at: SystemTime,
 }
 
 pub struct LeafCache {
     ca: Arc<CertificateAuthority>,
-    cache: Cache<String, Arc<Leaf>>,
+    provider: Arc<CryptoProvider>,
+    leaves: Cache<String, Leaf>,
     lifetime: Duration,
 }
 
@@ -24,64 +31,84 @@ impl LeafCache {
     pub fn new(ca: Arc<CertificateAuthority>, lifetime: Duration, max_hosts: u64) -> Self {
         LeafCache {
             ca,
-            cache: Cache::new(max_hosts),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            leaves: Cache::new(max_hosts),
             lifetime,
         }
     }
 
-    pub fn ca(&self) -> &CertificateAuthority {
+    pub fn ca(&self) -> &Arc<CertificateAuthority> {
         &self.ca
     }
 
-    /// The config for `host` (a name or an IP literal, without port).
-    pub fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
+    /// The config for `host`: a DNS name or an IP literal, without port.
+    pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
         self.server_config_at(host, SystemTime::now())
     }
 
-    fn server_config_at(
+    pub(crate) fn server_config_at(
         &self,
         host: &str,
         now: SystemTime,
-    ) -> Result<Arc<rustls::ServerConfig>, CaError> {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(leaf) = self.cache.get(&host) {
+    ) -> Result<Arc<ServerConfig>, CaError> {
+        let host = normalize(host);
+        if let Some(leaf) = self.leaves.get(&host) {
             if now < leaf.renew_at {
-                return Ok(leaf.config.clone());
+                return Ok(leaf.config);
             }
-            self.cache.invalidate(&host);
         }
-        // try_get_with: concurrent first handshakes for one host issue one leaf.
-        let leaf = self
-            .cache
-            .try_get_with(host.clone(), || self.issue(&host, now).map(Arc::new))
-            .map_err(|e| CaError::Invalid(e.to_string()))?;
-        Ok(leaf.config.clone())
+        // moka runs this under a per-key lock: concurrent first handshakes (or
+        // renewals) for one host wait for a single new leaf instead of each making one.
+        let computed =
+            self.leaves
+                .entry(host.clone())
+                .and_try_compute_with(|current| match current {
+                    Some(entry) if now < entry.value().renew_at => Ok(Op::Nop),
+                    _ => self.issue(&host, now).map(Op::Put),
+                })?;
+        match computed.into_entry() {
+            Some(entry) => Ok(entry.into_value().config),
+            // Only a Nop on a missing entry gets here, which the closure never asks for.
+            None => self.issue(&host, now).map(|leaf| leaf.config),
+        }
     }
 
     fn issue(&self, host: &str, now: SystemTime) -> Result<Leaf, CaError> {
-        let issued = self.ca.issue_leaf(host, self.lifetime)?;
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| CaError::Invalid(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(issued.chain, issued.key)
-        .map_err(|e| CaError::Invalid(e.to_string()))?;
+        let issued = self.ca.issue_leaf_at(host, self.lifetime, now)?;
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(issued.chain, issued.key)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let renew_at = issued
+            .not_after
+            .checked_sub(self.lifetime / 4)
+            .unwrap_or(now);
         Ok(Leaf {
             config: Arc::new(config),
-            renew_at: now + self.lifetime - self.lifetime / 4,
+            renew_at,
         })
     }
 
+    /// Hosts with a cached config (possibly one due for renewal).
     pub fn len(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        // entry_count lags inserts until moka's housekeeping has run.
+        self.leaves.run_pending_tasks();
+        self.leaves.entry_count()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// One cache entry per name as DNS compares them (case-insensitive, root dot
+/// optional), and one per IP address however the authority spelled it.
+fn normalize(host: &str) -> String {
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    match bare.unwrap_or(host).parse::<IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase(),
     }
 }
 
@@ -90,33 +117,30 @@ mod tests {
     use super::*;
     use rustls::pki_types::ServerName;
 
-    fn cache() -> LeafCache {
-        let dir = std::env::temp_dir().join(format!(
-            "lrp-leaf-test-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        let ca = CertificateAuthority::load_or_create(&dir).unwrap();
-        LeafCache::new(Arc::new(ca), Duration::from_secs(24 * 3600), 16)
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn cache(max_hosts: u64) -> LeafCache {
+        let ca = CertificateAuthority::generate().unwrap();
+        LeafCache::new(Arc::new(ca), DAY, max_hosts)
     }
 
+    /// A client that trusts only our CA, against a server using the cached config.
     async fn handshake(
         leaves: &LeafCache,
         served: &str,
         sni: &str,
-        alpn: &[u8],
+        alpn: &[&[u8]],
     ) -> Result<Option<Vec<u8>>, std::io::Error> {
         let server = tokio_rustls::TlsAcceptor::from(leaves.server_config(served).unwrap());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(leaves.ca().cert_der().clone()).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        client.alpn_protocols = vec![alpn.to_vec()];
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let (a, b) = tokio::io::duplex(64 * 1024);
         let name = ServerName::try_from(sni.to_owned()).unwrap();
@@ -127,44 +151,79 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_bot_trusting_the_ca_completes_tls_and_gets_h2() {
-        let leaves = cache();
-        assert_eq!(
-            handshake(&leaves, "api.line.me", "api.line.me", b"h2")
-                .await
-                .unwrap(),
-            Some(b"h2".to_vec())
-        );
-        assert!(
-            handshake(&leaves, "127.0.0.1", "127.0.0.1", b"http/1.1")
-                .await
-                .is_ok(),
-            "IP leaves"
-        );
-        assert!(
-            handshake(&leaves, "api.line.me", "evil.example", b"h2")
-                .await
-                .is_err(),
-            "the leaf covers its host only"
-        );
+    async fn a_bot_trusting_the_ca_completes_tls() {
+        let leaves = cache(16);
+        let h2 = handshake(&leaves, "api.line.me", "api.line.me", &[b"h2"]).await;
+        assert_eq!(h2.unwrap(), Some(b"h2".to_vec()));
+        let h1 = handshake(&leaves, "API.line.me.", "api.line.me", &[b"http/1.1"]).await;
+        assert_eq!(h1.unwrap(), Some(b"http/1.1".to_vec()));
+        let ip = handshake(&leaves, "127.0.0.1", "127.0.0.1", &[b"h2"]).await;
+        assert_eq!(ip.unwrap(), Some(b"h2".to_vec()));
+        let v6 = handshake(&leaves, "[::1]", "::1", &[]).await;
+        assert_eq!(v6.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_leaf_covers_its_own_host_only() {
+        let leaves = cache(16);
+        let other = handshake(&leaves, "api.line.me", "api-data.line.me", &[b"h2"]).await;
+        assert!(other.is_err());
+        let ip = handshake(&leaves, "127.0.0.1", "127.0.0.2", &[b"h2"]).await;
+        assert!(ip.is_err());
     }
 
     #[test]
     fn configs_are_cached_then_renewed_before_expiry() {
-        let leaves = cache();
+        let leaves = cache(16);
         let now = SystemTime::now();
         let first = leaves.server_config_at("API.line.me.", now).unwrap();
-        let again = leaves
-            .server_config_at("api.line.me", now + Duration::from_secs(3600))
-            .unwrap();
+        let again = leaves.server_config("api.line.me").unwrap();
         assert!(Arc::ptr_eq(&first, &again));
-        let late = leaves
-            .server_config_at("api.line.me", now + Duration::from_secs(19 * 3600))
-            .unwrap();
+        let at = |hours: u64| now + Duration::from_secs(hours * 3600);
+        let still = leaves.server_config_at("api.line.me", at(17)).unwrap();
         assert!(
-            !Arc::ptr_eq(&first, &late),
-            "renewed with a quarter of the lifetime left"
+            Arc::ptr_eq(&first, &still),
+            "18h of 24h is the renewal point"
         );
+        let renewed = leaves.server_config_at("api.line.me", at(19)).unwrap();
+        assert!(!Arc::ptr_eq(&first, &renewed), "less than a quarter left");
+        // The renewed leaf was issued at +19h, so it lasts until +37h.
+        let later = leaves.server_config_at("api.line.me", at(36)).unwrap();
+        assert!(Arc::ptr_eq(&renewed, &later));
         assert_eq!(leaves.len(), 1);
+        let v6 = leaves.server_config("[::1]").unwrap();
+        assert!(Arc::ptr_eq(&v6, &leaves.server_config("0:0::1").unwrap()));
+    }
+
+    #[test]
+    fn concurrent_first_calls_issue_one_leaf() {
+        let leaves = cache(16);
+        let configs: Vec<_> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| leaves.server_config("api.line.me").unwrap()))
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        assert!(configs.iter().all(|c| Arc::ptr_eq(c, &configs[0])));
+    }
+
+    #[test]
+    fn bad_hosts_are_errors_and_not_cached() {
+        let leaves = cache(16);
+        assert!(leaves.is_empty());
+        for host in ["api.line.me:443", "", "."] {
+            let err = leaves.server_config(host).map(drop).unwrap_err();
+            assert!(matches!(err, CaError::InvalidHost(_)), "{host}: {err}");
+        }
+        assert!(leaves.is_empty());
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let leaves = cache(4);
+        for i in 0..20 {
+            leaves.server_config(&format!("h{i}.example")).unwrap();
+        }
+        assert!(leaves.len() <= 4, "{}", leaves.len());
     }
 }
