@@ -94,7 +94,7 @@ impl CertificateAuthority {
                 let key_pem = read_private(&key_path)?;
                 let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
                 let origin = |path: &Path| path.display().to_string();
-                Self::build(&cert_pem, &key_pem, &origin(&cert_path), &origin(&key_path))
+                Self::build_guarded(&cert_pem, &key_pem, &origin(&cert_path), &origin(&key_path))
             }
             (false, false) => {
                 let ca = Self::generate()?;
@@ -116,7 +116,19 @@ impl CertificateAuthority {
     }
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
-        Self::build(cert_pem, key_pem, "CA certificate", "CA key")
+        Self::build_guarded(cert_pem, key_pem, "CA certificate", "CA key")
+    }
+
+    /// Operator material goes through rcgen's certificate parser, which panics on some
+    /// malformed names (an empty RDN set): that must be a clear error, not a crash.
+    fn build_guarded(
+        cert_pem: &str,
+        key_pem: &str,
+        cert_from: &str,
+        key_from: &str,
+    ) -> Result<Self, CaError> {
+        std::panic::catch_unwind(|| Self::build(cert_pem, key_pem, cert_from, key_from))
+            .unwrap_or_else(|_| Err(invalid(cert_from, "a certificate the parser cannot handle")))
     }
 
     /// A new CA held in memory only.
