@@ -125,7 +125,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
         attempts = exchange.attempts,
         status = exchange.response.status().as_u16(),
         upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
     );
     exchange.response
 }
