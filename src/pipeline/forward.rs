@@ -81,9 +81,7 @@ pub async fn forward(
     let head_timeout = app.live().policy.retry.attempt_timeout;
     let res = match timeout(head_timeout, app.upstream.request(req)).await {
         Err(_) => Err(ProxyError::Forward(AttemptFailure::Timeout)),
-        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Forward(AttemptFailure::Connect)),
-        Ok(Err(_)) => Err(ProxyError::Forward(AttemptFailure::Reset)),
-        Ok(Ok(res)) => Ok(res),
+        Ok(result) => result.map_err(ProxyError::Forward),
     };
     app.metrics.attempt(None, started.elapsed());
     let (mut parts, body) = res?.into_parts();

@@ -126,16 +126,7 @@ impl Sender<'_> {
         *req.method_mut() = out.method.clone();
         *req.uri_mut() = out.uri.clone();
         *req.headers_mut() = out.headers.clone();
-        let res = self.upstream.request(req).await.map_err(|e| {
-            // The cause (refused, certificate not trusted, reset, …) is what an operator
-            // needs; hyper's own message is only "client error (Connect)".
-            tracing::debug!(endpoint = self.endpoint.name(), error = %chain(&e), "upstream attempt failed");
-            if e.is_connect() {
-                AttemptFailure::Connect
-            } else {
-                AttemptFailure::Reset
-            }
-        })?;
+        let res = self.upstream.request(req).await?;
         let (parts, body) = res.into_parts();
         let body = Limited::new(body, MAX_ANSWER_BYTES)
             .collect()
@@ -185,18 +176,6 @@ impl Sender<'_> {
         }
         Some(jittered)
     }
-}
-
-/// An error and its causes on one line.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// No more attempts: LINE's last answer if there was one, else the transport failure.

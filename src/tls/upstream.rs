@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
 use crate::config::UpstreamTarget;
+use crate::error::AttemptFailure;
 use crate::pipeline::ProxyBody;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,12 +83,35 @@ impl Upstream {
         &self.target
     }
 
+    /// Sends one request. A failure is classified here, once, for every caller: could
+    /// not connect, or the connection broke after the request may have left.
     pub async fn request(
         &self,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
+    ) -> Result<Response<Incoming>, AttemptFailure> {
+        self.client.request(req).await.map_err(|err| {
+            // The cause (refused, certificate not trusted, reset, …) is what an operator
+            // needs; hyper's own message is only "client error (Connect)".
+            tracing::debug!(error = %chain(&err), "upstream request failed");
+            if err.is_connect() {
+                AttemptFailure::Connect
+            } else {
+                AttemptFailure::Reset
+            }
+        })
     }
+}
+
+/// An error and its causes on one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 pub fn build_uri(
