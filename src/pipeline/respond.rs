@@ -77,11 +77,13 @@ pub fn answer_response(answer: &Answer, outcome: Outcome) -> Response<ProxyBody>
 
 /// The one place a request-path error becomes an HTTP answer.
 pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
-    let mut res = Response::new(full(err.json_body()));
-    *res.status_mut() = err.status();
+    let (status, kept, body) = error_parts(err);
+    let mut res = Response::new(full(body));
+    *res.status_mut() = status;
     let headers = res.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(ERROR_HEADER, err.reason_header());
+    for (name, value) in kept.into_vec() {
+        headers.insert(name, value);
+    }
     headers.insert(OUTCOME_HEADER, Outcome::Error.header_value());
     if matches!(err, ProxyError::ProxyAuthRequired) {
         headers.insert(
