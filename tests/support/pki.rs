@@ -3,7 +3,6 @@
 //! accidentally reaching something with a real certificate.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rcgen::{
@@ -27,20 +26,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn unique_dir() -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let dir = std::env::temp_dir().join(format!(
-        "line-retry-proxy-pki-{}-{n}-{nanos}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir for the test PKI");
-    dir
-}
-
 impl TestPki {
     pub fn new() -> TestPki {
         let ca_key = KeyPair::generate().expect("CA key");
@@ -52,7 +37,7 @@ impl TestPki {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_cert = params.self_signed(&ca_key).expect("CA cert");
         let ca_pem = ca_cert.pem();
-        let dir = unique_dir();
+        let dir = super::proxy::temp_dir("pki");
         let ca_path = dir.join("ca.pem");
         std::fs::write(&ca_path, &ca_pem).expect("write ca.pem");
         TestPki {
