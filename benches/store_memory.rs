@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use line_retry_proxy::pipeline::fingerprint::Fingerprint;
-use line_retry_proxy::pipeline::key::RetryKey;
-use line_retry_proxy::pipeline::respond::Outcome;
+use line_retry_proxy::domain::{Answer, Fingerprint, Outcome, RetryKey};
 use line_retry_proxy::store::memory::MemoryStore;
-use line_retry_proxy::store::{Answer, Claim, Store};
+use line_retry_proxy::store::{Claim, ClaimRequest, Store};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
@@ -65,11 +63,15 @@ async fn main() {
         let mut fp = [0u8; 32];
         fp[..8].copy_from_slice(&i.to_le_bytes());
         fp[8..16].copy_from_slice(&(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes());
-        match store.claim(Fingerprint(fp), Duration::from_secs(60)).await {
-            Ok(Claim::Owner(ticket)) => {
-                let _ = ticket
-                    .settle(answer(i), Some(Duration::from_secs(3600)))
-                    .await;
+        let claim = ClaimRequest {
+            fp: Fingerprint(fp),
+            lease: Duration::from_secs(60),
+            window: Duration::from_secs(24 * 3600),
+            now: std::time::SystemTime::now(),
+        };
+        match store.claim(claim).await {
+            Ok(Claim::Owner { ticket, .. }) => {
+                let _ = ticket.settle(answer(i), true).await;
             }
             _ => panic!("every fingerprint is new"),
         }

@@ -5,10 +5,10 @@
 //! `reason` a program can match on and a `message` a person can read; neither ever
 //! carries a credential, a body, or an internal detail such as a file path.
 
-use std::fmt;
-
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
+
+use crate::domain::AttemptFailure;
 
 /// Who caused a failure: decides the status class and the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,54 +16,6 @@ pub enum Side {
     Client,
     Upstream,
     Internal,
-}
-
-/// Why one upstream attempt failed. Each of these is retried with the same key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AttemptFailure {
-    /// The TCP or TLS connection could not be established.
-    Connect,
-    /// The connection broke after the request may have left: LINE may have accepted it.
-    Reset,
-    /// No complete answer within the per-attempt timeout: LINE may have accepted it.
-    Timeout,
-    /// LINE answered 5xx: it may still have accepted the message.
-    ServerError,
-    /// LINE answered the temporary 429, and retrying 429 is configured.
-    RateLimited,
-}
-
-impl AttemptFailure {
-    /// The `reason` label of the retry metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            AttemptFailure::Connect => "connect",
-            AttemptFailure::Reset => "reset",
-            AttemptFailure::Timeout => "timeout",
-            AttemptFailure::ServerError => "status_5xx",
-            AttemptFailure::RateLimited => "status_429",
-        }
-    }
-
-    pub const ALL: [AttemptFailure; 5] = [
-        AttemptFailure::Connect,
-        AttemptFailure::Reset,
-        AttemptFailure::Timeout,
-        AttemptFailure::ServerError,
-        AttemptFailure::RateLimited,
-    ];
-}
-
-impl fmt::Display for AttemptFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttemptFailure::Connect => "could not connect",
-            AttemptFailure::Reset => "connection reset before an answer",
-            AttemptFailure::Timeout => "attempt timed out",
-            AttemptFailure::ServerError => "server error",
-            AttemptFailure::RateLimited => "rate limited",
-        })
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,35 +5,46 @@
 //! upstream failures itself under that same key, and keeps each answer so that a
 //! bot's own resend gets the original answer instead of a second message.
 //!
-//! # Layout
-//! - [`config`]: command line + environment + TOML file (its `sources`) → values
-//!   validated by name → one `Config`.
-//! - [`app`]: the composition root; `run(app, listener, admin, shutdown)`.
-//! - [`listener`]: the proxy port: accept loop, connections, routing by request form.
-//! - [`connect`]: `CONNECT`: intercept (TLS with our CA), tunnel, or refuse.
-//! - [`pipeline`]: the request path for LINE, one module per phase:
-//!   [`pipeline::classify`] → [`pipeline::read`] → [`pipeline::fingerprint`] →
-//!   [`pipeline::key`] → claim ([`store`]) → [`pipeline::send`] →
-//!   [`pipeline::settle`] → [`pipeline::respond`]; [`pipeline::forward`] for the rest.
-//! - [`retry`]: backoff with full jitter, and the proxy-wide retry budget.
-//! - [`store`]: the answer store interface and its in-memory implementation.
-//! - [`tls`]: intercept CA and leaves; the upstream client.
-//! - [`admin`], [`metrics`], [`telemetry`]: health, Prometheus metrics, logs.
-//! - [`admin_client`]: the `healthcheck` and `stats` subcommands' side of the admin port.
-//! - [`error`]: the request path's error type: side, retryability, HTTP answer.
+//! # Layers (imports point down only; a test in `tests/layers.rs` keeps it so)
+//! ```text
+//!  app ──────────── the composition root: builds both contexts, binds, runs, drains
+//!   │
+//!  edge ─────────── the way in: listener, CONNECT + interception (CA, leaves), admin
+//!   │
+//!  pipeline ─────── the request path, one module per phase (below)
+//!   │
+//!  upstream, store ─ the way out to LINE; claims and kept answers
+//!   │
+//!  config, metrics, retry, telemetry, error
+//!   │
+//!  domain, body ─── the vocabulary (Endpoint, Fingerprint, RetryKey, Outcome, Answer)
+//!                   and the body type
+//! ```
+//! [`admin_client`] is the command line's side of the admin port (`healthcheck`, `stats`).
+//!
+//! # The request path, phase by phase (DESIGN.md)
+//! 1. [`pipeline::classify`]: one of the four keyed endpoints, or passthrough
+//!    ([`pipeline::forward`], streamed, untouched);
+//! 2. [`pipeline::read`]: buffer the body, up to the limit;
+//! 3. [`pipeline::fingerprint`]: what makes two requests the same send;
+//! 4. [`pipeline::key`]: the bot's own key, or one derived from the fingerprint;
+//! 5. claim: [`store`] (replay, coalesce, or own the send);
+//! 6. [`pipeline::send`]: upstream, with retries under the same key;
+//! 7. [`pipeline::settle`]: LINE's 409 for our own key becomes the original success;
+//! 8. [`pipeline::respond`]: the answer, its key, and how it was obtained.
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod admin_client;
 pub mod app;
+pub mod body;
 pub mod config;
-pub mod connect;
+pub mod domain;
+pub mod edge;
 pub mod error;
-pub mod listener;
 pub mod metrics;
 pub mod pipeline;
 pub mod retry;
 pub mod store;
 pub mod telemetry;
-pub mod tls;
+pub mod upstream;

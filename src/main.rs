@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand};
 use line_retry_proxy::admin_client;
 use line_retry_proxy::app::{self, App, StartError};
 use line_retry_proxy::config::{Config, ServeArgs};
+use line_retry_proxy::edge::intercept::ca::CertificateAuthority;
 use line_retry_proxy::telemetry;
-use line_retry_proxy::tls::ca::CertificateAuthority;
 
 const EX_USAGE: u8 = 64;
 

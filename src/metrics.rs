@@ -5,14 +5,16 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::error::AttemptFailure;
-use crate::pipeline::classify::Endpoint;
-use crate::pipeline::respond::Outcome;
-use crate::store::StoreStats;
+use crate::domain::{AttemptFailure, Endpoint, Outcome, StoreStats};
 
-/// The four keyed endpoints, then everything else.
-const ENDPOINT_LABELS: [&str; 5] = ["push", "multicast", "narrowcast", "broadcast", "other"];
-const OTHER: usize = 4;
+/// Series per endpoint: the four keyed endpoints, then everything else.
+const ENDPOINT_SLOTS: usize = Endpoint::ALL.len() + 1;
+const OTHER: usize = Endpoint::ALL.len();
+
+/// The `endpoint` label of slot `i`, from the enum itself so the two cannot drift.
+fn endpoint_label(i: usize) -> &'static str {
+    Endpoint::ALL.get(i).map_or("other", |e| e.name())
+}
 const BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
@@ -58,14 +60,14 @@ impl Histogram {
 /// Every counter the proxy keeps. One instance per running proxy, no globals.
 #[derive(Default)]
 pub struct Metrics {
-    requests: [[AtomicU64; Outcome::ALL.len()]; 5],
-    upstream_attempts: [AtomicU64; 5],
+    requests: [[AtomicU64; Outcome::ALL.len()]; ENDPOINT_SLOTS],
+    upstream_attempts: [AtomicU64; ENDPOINT_SLOTS],
     retries: [AtomicU64; AttemptFailure::ALL.len()],
     retry_budget_exhausted: AtomicU64,
-    keys_injected: [AtomicU64; 4],
-    client_keys: [AtomicU64; 4],
+    keys_injected: [AtomicU64; Endpoint::ALL.len()],
+    client_keys: [AtomicU64; Endpoint::ALL.len()],
     stray_keys_removed: AtomicU64,
-    upstream_latency: [Histogram; 5],
+    upstream_latency: [Histogram; ENDPOINT_SLOTS],
     store_errors: AtomicU64,
     in_flight: AtomicI64,
     connections_open: AtomicI64,
@@ -88,7 +90,7 @@ impl Drop for GaugeGuard<'_> {
 
 impl Metrics {
     pub fn request(&self, endpoint: Option<Endpoint>, outcome: Outcome) {
-        self.requests[endpoint_index(endpoint)][outcome as usize].fetch_add(1, Relaxed);
+        self.requests[endpoint_index(endpoint)][outcome.index()].fetch_add(1, Relaxed);
     }
 
     pub fn attempt(&self, endpoint: Option<Endpoint>, latency: Duration) {
@@ -98,7 +100,7 @@ impl Metrics {
     }
 
     pub fn retry(&self, reason: AttemptFailure) {
-        self.retries[reason as usize].fetch_add(1, Relaxed);
+        self.retries[reason.index()].fetch_add(1, Relaxed);
     }
 
     pub fn retry_budget_exhausted(&self) {
@@ -166,7 +168,8 @@ impl Metrics {
             "counter",
             "Requests answered, by endpoint and outcome.",
         );
-        for (e, row) in ENDPOINT_LABELS.iter().zip(&self.requests) {
+        for (i, row) in self.requests.iter().enumerate() {
+            let e = endpoint_label(i);
             for (outcome, n) in Outcome::ALL.iter().zip(row) {
                 let _ = writeln!(
                     o,
@@ -237,7 +240,8 @@ impl Metrics {
             "histogram",
             "Time of one upstream attempt until its answer head (keyed: whole answer).",
         );
-        for (e, h) in ENDPOINT_LABELS.iter().zip(&self.upstream_latency) {
+        for (i, h) in self.upstream_latency.iter().enumerate() {
+            let e = endpoint_label(i);
             h.render(
                 o,
                 "line_retry_proxy_upstream_latency_seconds",
@@ -247,8 +251,14 @@ impl Metrics {
         gauge(
             o,
             "line_retry_proxy_store_entries",
-            "Answers and claims held by the store.",
+            "Answers kept by the store for replay.",
             store.entries as i64,
+        );
+        gauge(
+            o,
+            "line_retry_proxy_store_claims",
+            "Sends in flight holding a claim in the store.",
+            store.claims as i64,
         );
         gauge(
             o,
@@ -335,7 +345,8 @@ fn gauge(o: &mut String, name: &str, help: &str, value: i64) {
 }
 
 fn per_endpoint(o: &mut String, name: &str, values: &[AtomicU64]) {
-    for (e, n) in ENDPOINT_LABELS.iter().zip(values) {
+    for (i, n) in values.iter().enumerate() {
+        let e = endpoint_label(i);
         let _ = writeln!(o, "{name}{{endpoint=\"{e}\"}} {}", n.load(Relaxed));
     }
 }
@@ -359,6 +370,7 @@ mod tests {
             StoreStats {
                 entries: 2,
                 bytes: 300,
+                claims: 0,
             },
             1,
         );

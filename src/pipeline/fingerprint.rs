@@ -9,55 +9,11 @@
 use http::{HeaderMap, Method};
 use sha2::{Digest, Sha256};
 
+use crate::domain::Fingerprint;
+
 /// Bump when the hashed tuple changes: old fingerprints must never match new ones.
 const VERSION: &[u8] = b"line-retry-proxy/fingerprint/v1\0";
 const SCOPE_VERSION: &[u8] = b"line-retry-proxy/scope/v1\0";
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint(pub [u8; 32]);
-
-/// A fingerprint is already a uniform hash: eight of its bytes are a perfect table
-/// hash, and hashing all 32 again (SipHash, per lookup) is wasted work on the hot path.
-impl std::hash::Hash for Fingerprint {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut prefix = [0u8; 8];
-        prefix.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(prefix));
-    }
-}
-
-/// The hasher for maps keyed by [`Fingerprint`]: passes its `write_u64` through.
-#[derive(Default, Clone, Copy)]
-pub struct FingerprintHasher(u64);
-
-impl std::hash::Hasher for FingerprintHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached for keys other than a fingerprint; fold them in, FNV-style.
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-}
-
-pub type BuildFingerprintHasher = std::hash::BuildHasherDefault<FingerprintHasher>;
-
-impl std::fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // A prefix is enough to correlate log lines.
-        for b in &self.0[..6] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
 
 /// Who is asking: a hash of the Authorization value. Requests without one share the
 /// empty scope, which LINE rejects anyway.
@@ -174,6 +130,7 @@ mod tests {
 
     #[test]
     fn table_hash_is_the_fingerprints_own_prefix() {
+        use crate::domain::BuildFingerprintHasher;
         use std::hash::BuildHasher;
         let a = fp(&scope("a"), "/p", None, b"1", false);
         let b = fp(&scope("a"), "/p", None, b"2", false);

@@ -8,14 +8,12 @@ use http::header::{
 };
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, Request, Response, Uri, Version};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::{timeout, Instant};
 
-use super::respond::RETRY_KEY_HEADER;
-use super::ProxyBody;
-use crate::app::App;
-use crate::error::{AttemptFailure, ProxyError};
+use super::Pipeline;
+use crate::body::{boxed, BoxError, ProxyBody};
+use crate::domain::{AttemptFailure, RETRY_KEY_HEADER};
+use crate::error::ProxyError;
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -52,46 +50,47 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// A non-keyed request to LINE. LINE rejects a retry key on every other endpoint,
 /// so a stray one (sticky-key client bugs) is removed rather than earning a 400.
-pub async fn to_line(app: &App, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+pub async fn to_line<B>(p: &Pipeline, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (mut parts, body) = req.into_parts();
     if parts.headers.remove(RETRY_KEY_HEADER).is_some() {
-        app.metrics.stray_key_removed();
+        p.metrics.stray_key_removed();
     }
-    let uri = app.upstream.uri(parts.uri.path_and_query());
-    forward(app, &mut parts, body, uri).await
+    let uri = p.upstream.uri(parts.uri.path_and_query());
+    forward(p, &mut parts, boxed(body), uri).await
 }
 
 /// Sends one request to `uri`, streaming its body, and streams the answer back.
 pub async fn forward(
-    app: &App,
+    p: &Pipeline,
     parts: &mut Parts,
-    body: Incoming,
+    body: ProxyBody,
     uri: Uri,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers);
     headers.remove(HOST);
 
-    let mut req = Request::new(body.map_err(Into::into).boxed_unsync());
+    let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
 
     let started = Instant::now();
-    let head_timeout = app.live().policy.retry.attempt_timeout;
-    let res = match timeout(head_timeout, app.upstream.request(req)).await {
+    let head_timeout = p.settings().policy.retry.attempt_timeout;
+    let res = match timeout(head_timeout, p.upstream.request(req)).await {
         Err(_) => Err(ProxyError::Forward(AttemptFailure::Timeout)),
         Ok(result) => result.map_err(ProxyError::Forward),
     };
-    app.metrics.attempt(None, started.elapsed());
+    p.metrics.attempt(None, started.elapsed());
     let (mut parts, body) = res?.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // The client's connection has its own version; hyper frames the answer for it.
     parts.version = Version::default();
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(Into::into).boxed_unsync(),
-    ))
+    Ok(Response::from_parts(parts, body))
 }
 
 #[cfg(test)]

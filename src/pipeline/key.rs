@@ -7,61 +7,23 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderValue;
 use uuid::Uuid;
 
-use super::fingerprint::Fingerprint;
-use crate::config::MAX_DEDUP_WINDOW;
+use crate::domain::{Fingerprint, RetryKey, LINE_KEY_LIFETIME};
 
 /// The project's namespace for derived keys. Changing it changes every key.
 const NAMESPACE: Uuid = Uuid::from_u128(0x6c1e_7e2a_55b0_4f0e_9d3c_2b7a_1f48_c0de);
 
-pub const HEADER: &str = "x-line-retry-key";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RetryKey {
-    /// The bot sent its own: we forward it and pass its 409s through untranslated.
-    Client(HeaderValue),
-    /// Derived here: a 409 means one of our own earlier attempts was accepted.
-    Derived(Uuid),
-}
-
-impl RetryKey {
-    pub fn header_value(&self) -> HeaderValue {
-        match self {
-            RetryKey::Client(v) => v.clone(),
-            RetryKey::Derived(u) => {
-                let mut buf = Uuid::encode_buffer();
-                let text = u.hyphenated().encode_lower(&mut buf);
-                // Hyphenated lower-case hex is always a valid header value.
-                HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
-            }
-        }
-    }
-
-    pub fn is_derived(&self) -> bool {
-        matches!(self, RetryKey::Derived(_))
-    }
-}
-
-impl std::fmt::Display for RetryKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RetryKey::Client(v) => f.write_str(v.to_str().unwrap_or("<non-ascii>")),
-            RetryKey::Derived(u) => write!(f, "{}", u.hyphenated()),
-        }
-    }
-}
-
 /// The key for `fp` when the dedup window is `window`. With the full 24 h window the
 /// key is the fingerprint's alone, as LINE forgets keys after 24 h. With a shorter
-/// window the window's index in time is mixed in, so an identical request in a later
-/// window is a new send at LINE too, not a 409.
-pub fn derive(fp: &Fingerprint, window: Duration, now: SystemTime) -> RetryKey {
-    if window >= MAX_DEDUP_WINDOW || window.is_zero() {
+/// window, the index of the window in which the send was *first seen* is mixed in: an
+/// identical request a window after that is a new send at LINE too, not a 409, while
+/// a resend of a send whose outcome was unknown keeps its key across a boundary.
+pub fn derive(fp: &Fingerprint, window: Duration, first_seen: SystemTime) -> RetryKey {
+    if window >= LINE_KEY_LIFETIME || window.is_zero() {
         return RetryKey::Derived(Uuid::new_v5(&NAMESPACE, &fp.0));
     }
-    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = first_seen.duration_since(UNIX_EPOCH).unwrap_or_default();
     let index = since_epoch.as_secs() / window.as_secs().max(1);
     let mut name = [0u8; 40];
     name[..32].copy_from_slice(&fp.0);
@@ -74,7 +36,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const DAY: Duration = MAX_DEDUP_WINDOW;
+    const DAY: Duration = LINE_KEY_LIFETIME;
 
     #[test]
     fn derived_key_is_a_v5_uuid_in_line_format() {

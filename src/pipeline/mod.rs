@@ -10,6 +10,10 @@
 //!                                                                         respond ◄───┘
 //! ```
 //! Phase 5 (claim) lives in [`crate::store`]; the others are the modules below.
+//!
+//! The request path has its own narrow context, [`Pipeline`]: the store, the way out to
+//! LINE, the live settings, the metrics and the task tracker. It knows nothing of how
+//! a request arrived (base URL, absolute form, or decrypted from a CONNECT tunnel).
 
 pub mod classify;
 pub mod fingerprint;
@@ -20,39 +24,303 @@ pub mod respond;
 pub mod send;
 pub mod settle;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use crate::app::{App, Live};
-use crate::config::EndpointPolicy;
+use crate::body::{BoxError, ProxyBody};
+use crate::config::{EndpointPolicy, Policy};
+use crate::domain::{Answer, Endpoint, Outcome, RetryKey, RETRY_KEY_HEADER};
 use crate::error::ProxyError;
-use crate::store::{Answer, Claim, Ticket};
-use classify::{Endpoint, Route};
-use key::RetryKey;
-use respond::{Outcome, RETRY_KEY_HEADER};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
-pub fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
+use crate::metrics::Metrics;
+use crate::retry::RetryBudget;
+use crate::store::{Claim, ClaimRequest, Store, Ticket};
+use crate::upstream::Upstream;
+use classify::Route;
 
 /// A claim lapses this long after the owner's deadline, should the owner vanish.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Owners that vanish repeatedly are not waited for forever: send without the store.
 const MAX_CLAIMS: usize = 3;
+
+/// The wall clock, replaceable so that tests can cross window boundaries at will.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// What SIGHUP may replace: read once per request, swapped whole.
+pub struct Settings {
+    pub policy: Policy,
+    /// Rebuilt with the policy, so a new ratio takes effect at once.
+    pub budget: RetryBudget,
+}
+
+impl Settings {
+    pub fn new(policy: Policy) -> Self {
+        let budget = RetryBudget::new(
+            policy.retry.budget_ratio,
+            policy.retry.budget_min_per_second,
+        );
+        Settings { policy, budget }
+    }
+}
+
+/// The request path's context.
+pub struct Pipeline {
+    /// Claims of sends in flight and the answers kept for replay (phases 5 and 7).
+    pub store: Box<dyn Store>,
+    /// The way out to LINE.
+    pub upstream: Arc<dyn Upstream>,
+    pub metrics: Arc<Metrics>,
+    /// Upstream work runs in tasks of its own, tracked so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// The largest keyed body buffered (phase 2).
+    pub body_limit: usize,
+    /// Fingerprint JSON bodies in canonical form (phase 3).
+    pub canonical_json: bool,
+    settings: RwLock<Arc<Settings>>,
+    clock: Clock,
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Box<dyn Store>,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<Metrics>,
+        policy: Policy,
+        body_limit: usize,
+        canonical_json: bool,
+    ) -> Self {
+        Pipeline {
+            store,
+            upstream,
+            metrics,
+            tasks: TaskTracker::new(),
+            body_limit,
+            canonical_json,
+            settings: RwLock::new(Arc::new(Settings::new(policy))),
+            clock: Arc::new(SystemTime::now),
+        }
+    }
+
+    /// The same pipeline on another clock.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The settings in force. A read lock held for one `Arc` clone: never contended
+    /// except for the instant of a reload.
+    pub fn settings(&self) -> Arc<Settings> {
+        match self.settings.read() {
+            Ok(settings) => settings.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in a new policy; requests already running keep the one they started with.
+    pub fn reload(&self, policy: Policy) {
+        let next = Arc::new(Settings::new(policy));
+        match self.settings.write() {
+            Ok(mut settings) => *settings = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    /// Handles one request bound for LINE, however it arrived.
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let route = classify::classify(&method, &path);
+        // Every line logged on behalf of this request (retrying, giving up, budget
+        // exhausted) carries the request's endpoint and key.
+        let span = tracing::info_span!(
+            "request",
+            %method,
+            path,
+            endpoint = tracing::field::Empty,
+            key = tracing::field::Empty,
+        );
+
+        let exchange = match route {
+            Route::Keyed(endpoint) => {
+                span.record("endpoint", endpoint.name());
+                self.keyed(endpoint, req).instrument(span).await
+            }
+            Route::Passthrough => match forward::to_line(self, req).instrument(span).await {
+                Ok(response) => Exchange {
+                    upstream_status: Some(response.status()),
+                    response,
+                    endpoint: None,
+                    outcome: Outcome::Passthrough,
+                    key: None,
+                    attempts: 1,
+                },
+                Err(err) => Exchange::failed(None, &err),
+            },
+        };
+
+        self.metrics.request(exchange.endpoint, exchange.outcome);
+        tracing::info!(
+            target: "line_retry_proxy::access",
+            %method,
+            path,
+            endpoint = exchange.endpoint.map_or("other", Endpoint::name),
+            key = exchange.key.as_ref().map(tracing::field::display),
+            outcome = exchange.outcome.label(),
+            attempts = exchange.attempts,
+            status = exchange.response.status().as_u16(),
+            upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
+            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
+        );
+        exchange.response
+    }
+
+    async fn keyed<B>(self: &Arc<Self>, endpoint: Endpoint, req: Request<B>) -> Exchange
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let body = match read::body(body, &parts.headers, self.body_limit).await {
+            Ok(body) => body,
+            Err(err) => return Exchange::failed(Some(endpoint), &err),
+        };
+        let settings = self.settings();
+        let policy = settings.policy.endpoint(endpoint);
+        let client_key = client_key(&parts.headers);
+        let path_and_query = parts.uri.path_and_query();
+
+        let scope = fingerprint::caller_scope(&parts.headers);
+        let fp = fingerprint::fingerprint(
+            &fingerprint::Request {
+                scope: &scope,
+                method: &parts.method,
+                path_and_query: path_and_query.map_or("/", |p| p.as_str()),
+                client_key: client_key.as_ref().map(HeaderValue::as_bytes),
+                body: &body,
+            },
+            self.canonical_json,
+        );
+        let key_for = |first_seen: SystemTime| match &client_key {
+            Some(value) => RetryKey::Client(value.clone()),
+            None => key::derive(&fp, policy.dedup_window, first_seen),
+        };
+        let outbound = |key: &RetryKey| {
+            let mut headers = parts.headers.clone();
+            forward::strip_hop_by_hop(&mut headers);
+            headers.remove(HOST);
+            headers.insert(RETRY_KEY_HEADER, key.header_value());
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            send::Outbound {
+                method: parts.method.clone(),
+                uri: self.upstream.uri(path_and_query),
+                headers,
+                body: body.clone(),
+            }
+        };
+
+        let now = (self.clock)();
+        let claim = ClaimRequest {
+            fp,
+            lease: settings.policy.retry.deadline + LEASE_MARGIN,
+            window: policy.dedup_window,
+            now,
+        };
+        for _ in 0..MAX_CLAIMS {
+            match self.store.claim(claim).await {
+                Ok(Claim::Done(answer)) => {
+                    return Exchange::answered(endpoint, &answer, Outcome::Replayed)
+                }
+                Ok(Claim::InFlight(waiting)) => {
+                    match tokio::time::timeout(claim.lease, waiting).await {
+                        Ok(Some(answer)) => {
+                            return Exchange::answered(endpoint, &answer, Outcome::Coalesced)
+                        }
+                        // The owner vanished or outlived its lease: claim again.
+                        _ => continue,
+                    }
+                }
+                Ok(Claim::Owner { ticket, first_seen }) => {
+                    let key = key_for(first_seen);
+                    let out = outbound(&key);
+                    return self
+                        .own(settings, endpoint, policy, key, out, Some(ticket))
+                        .await;
+                }
+                Err(err) => {
+                    self.metrics.store_error();
+                    tracing::warn!(error = %err, "sending without the store; the retry key still prevents duplicates at LINE");
+                    break;
+                }
+            }
+        }
+        let key = key_for(now);
+        let out = outbound(&key);
+        self.own(settings, endpoint, policy, key, out, None).await
+    }
+
+    /// Phases 6–7 in a task of their own: a bot that disconnects does not cancel the
+    /// upstream work, so its resend finds the result.
+    async fn own(
+        self: &Arc<Self>,
+        settings: Arc<Settings>,
+        endpoint: Endpoint,
+        policy: EndpointPolicy,
+        key: RetryKey,
+        out: send::Outbound,
+        ticket: Option<Box<dyn Ticket>>,
+    ) -> Exchange {
+        tracing::Span::current().record("key", tracing::field::display(&key));
+        if key.is_derived() {
+            self.metrics.key_injected(endpoint);
+        } else {
+            self.metrics.client_key(endpoint);
+        }
+        let (tx, rx) = oneshot::channel();
+        let pipeline = self.clone();
+        // Boxed to a plain `'static` future at once: left to `spawn`'s generic bound,
+        // the compiler loses the body error's lifetime in the `Send` check.
+        let work: crate::body::BoxFuture<'static, ()> = Box::pin(async move {
+            let sender = send::Sender {
+                upstream: pipeline.upstream.as_ref(),
+                policy: &settings.policy.retry,
+                retry: policy.retry,
+                budget: &settings.budget,
+                metrics: &pipeline.metrics,
+                endpoint,
+            };
+            let sent = sender.send(&out).await;
+            let settled = settle::settle(endpoint, key, sent);
+            if let Some(ticket) = ticket {
+                if let Err(err) = ticket.settle(settled.answer.clone(), settled.keep).await {
+                    pipeline.metrics.store_error();
+                    tracing::warn!(error = %err, "could not store the answer");
+                }
+            }
+            // The bot may be gone; its resend will find the stored answer.
+            let _ = tx.send(settled.answer);
+        });
+        self.tasks.spawn(work.instrument(tracing::Span::current()));
+        match rx.await {
+            Ok(answer) => Exchange::answered(endpoint, &answer, answer.outcome),
+            Err(_) => Exchange::failed(
+                Some(endpoint),
+                &ProxyError::Internal("the upstream task ended without an answer"),
+            ),
+        }
+    }
+}
 
 /// What happened to one request: the answer, and what the access log and metrics say.
 struct Exchange {
@@ -89,158 +357,6 @@ impl Exchange {
             attempts: 0,
             upstream_status: None,
         }
-    }
-}
-
-/// Handles one request bound for LINE: base-URL mode, or decrypted from a CONNECT tunnel.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let _in_flight = app.metrics.in_flight();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-
-    let exchange = match classify::classify(&method, &path) {
-        Route::Keyed(endpoint) => keyed(&app, endpoint, req).await,
-        Route::Passthrough => match forward::to_line(&app, req).await {
-            Ok(response) => Exchange {
-                upstream_status: Some(response.status()),
-                response,
-                endpoint: None,
-                outcome: Outcome::Passthrough,
-                key: None,
-                attempts: 1,
-            },
-            Err(err) => Exchange::failed(None, &err),
-        },
-    };
-
-    app.metrics.request(exchange.endpoint, exchange.outcome);
-    tracing::info!(
-        target: "line_retry_proxy::access",
-        %method,
-        path,
-        endpoint = exchange.endpoint.map_or("other", Endpoint::name),
-        key = exchange.key.as_ref().map(tracing::field::display),
-        outcome = exchange.outcome.label(),
-        attempts = exchange.attempts,
-        status = exchange.response.status().as_u16(),
-        upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
-        latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
-    );
-    exchange.response
-}
-
-async fn keyed(app: &Arc<App>, endpoint: Endpoint, req: Request<Incoming>) -> Exchange {
-    let (parts, body) = req.into_parts();
-    let body = match read::body(body, &parts.headers, app.config.body_limit).await {
-        Ok(body) => body,
-        Err(err) => return Exchange::failed(Some(endpoint), &err),
-    };
-    let live = app.live();
-    let policy = live.policy.endpoint(endpoint);
-    let client_key = client_key(&parts.headers);
-    let path_and_query = parts.uri.path_and_query();
-
-    let scope = fingerprint::caller_scope(&parts.headers);
-    let fp = fingerprint::fingerprint(
-        &fingerprint::Request {
-            scope: &scope,
-            method: &parts.method,
-            path_and_query: path_and_query.map_or("/", |p| p.as_str()),
-            client_key: client_key.as_ref().map(HeaderValue::as_bytes),
-            body: &body,
-        },
-        app.config.canonical_json,
-    );
-    let key = match client_key {
-        Some(value) => RetryKey::Client(value),
-        None => key::derive(&fp, policy.dedup_window, SystemTime::now()),
-    };
-
-    let mut headers = parts.headers;
-    forward::strip_hop_by_hop(&mut headers);
-    headers.remove(HOST);
-    headers.insert(RETRY_KEY_HEADER, key.header_value());
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let out = send::Outbound {
-        method: parts.method,
-        uri: app.upstream.uri(path_and_query),
-        headers,
-        body,
-    };
-
-    let lease = live.policy.retry.deadline + LEASE_MARGIN;
-    for _ in 0..MAX_CLAIMS {
-        match app.store.claim(fp, lease).await {
-            Ok(Claim::Done(answer)) => {
-                return Exchange::answered(endpoint, &answer, Outcome::Replayed)
-            }
-            Ok(Claim::InFlight(waiting)) => match tokio::time::timeout(lease, waiting).await {
-                Ok(Some(answer)) => {
-                    return Exchange::answered(endpoint, &answer, Outcome::Coalesced)
-                }
-                // The owner vanished or outlived its lease: claim again.
-                _ => continue,
-            },
-            Ok(Claim::Owner(ticket)) => {
-                return own(app, live, endpoint, policy, key, out, Some(ticket)).await
-            }
-            Err(err) => {
-                app.metrics.store_error();
-                tracing::warn!(error = %err, "sending without the store; the retry key still prevents duplicates at LINE");
-                break;
-            }
-        }
-    }
-    own(app, live, endpoint, policy, key, out, None).await
-}
-
-/// Phases 6–7 in a task of their own: a bot that disconnects does not cancel the
-/// upstream work, so its resend finds the result.
-async fn own(
-    app: &Arc<App>,
-    live: Arc<Live>,
-    endpoint: Endpoint,
-    policy: EndpointPolicy,
-    key: RetryKey,
-    out: send::Outbound,
-    ticket: Option<Box<dyn Ticket>>,
-) -> Exchange {
-    if key.is_derived() {
-        app.metrics.key_injected(endpoint);
-    } else {
-        app.metrics.client_key(endpoint);
-    }
-    let (tx, rx) = oneshot::channel();
-    let task_app = app.clone();
-    app.tasks.spawn(async move {
-        let app = task_app;
-        let sender = send::Sender {
-            upstream: &app.upstream,
-            policy: &live.policy.retry,
-            retry: policy.retry,
-            budget: &live.budget,
-            metrics: &app.metrics,
-            endpoint,
-        };
-        let sent = sender.send(&out).await;
-        let settled = settle::settle(endpoint, key, sent);
-        if let Some(ticket) = ticket {
-            let keep_for = settled.keep.then_some(policy.dedup_window);
-            if let Err(err) = ticket.settle(settled.answer.clone(), keep_for).await {
-                app.metrics.store_error();
-                tracing::warn!(error = %err, "could not store the answer");
-            }
-        }
-        // The bot may be gone; its resend will find the stored answer.
-        let _ = tx.send(settled.answer);
-    });
-    match rx.await {
-        Ok(answer) => Exchange::answered(endpoint, &answer, answer.outcome),
-        Err(_) => Exchange::failed(
-            Some(endpoint),
-            &ProxyError::Internal("the upstream task ended without an answer"),
-        ),
     }
 }
 

@@ -4,62 +4,14 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderName, HeaderValue, Response};
 
-use super::{full, ProxyBody};
+use crate::body::{full, ProxyBody};
+use crate::domain::{Answer, KeptHeaders, Outcome, RETRY_KEY_HEADER};
 use crate::error::ProxyError;
-use crate::store::{Answer, KeptHeaders};
 
 /// Says how the answer was obtained: fresh, replayed, coalesced, conflict-resolved, …
 pub const OUTCOME_HEADER: HeaderName = HeaderName::from_static("x-line-retry-proxy");
 /// On answers made by the proxy itself: the error's stable reason.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-line-retry-proxy-error");
-pub const RETRY_KEY_HEADER: HeaderName = HeaderName::from_static(super::key::HEADER);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Sent upstream for this request; LINE's answer as it came.
-    Fresh,
-    /// Answered from the store: an identical request was answered before.
-    Replayed,
-    /// An identical request was in flight; this one got its answer.
-    Coalesced,
-    /// LINE said 409 for our own key: an earlier attempt was accepted, so the bot gets success.
-    ConflictResolved,
-    /// Not a keyed endpoint: forwarded untouched.
-    Passthrough,
-    /// The proxy could not get an answer it may give (all attempts failed, bad input).
-    Error,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 6] = [
-        Outcome::Fresh,
-        Outcome::Replayed,
-        Outcome::Coalesced,
-        Outcome::ConflictResolved,
-        Outcome::Passthrough,
-        Outcome::Error,
-    ];
-
-    /// Metric label (Prometheus style).
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Fresh => "fresh",
-            Outcome::Replayed => "replayed",
-            Outcome::Coalesced => "coalesced",
-            Outcome::ConflictResolved => "conflict_resolved",
-            Outcome::Passthrough => "passthrough",
-            Outcome::Error => "error",
-        }
-    }
-
-    /// Header value (HTTP style).
-    pub fn header_value(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            Outcome::ConflictResolved => "conflict-resolved",
-            other => other.label(),
-        })
-    }
-}
 
 /// The response for a stored or fresh answer, as seen through `outcome`.
 pub fn answer_response(answer: &Answer, outcome: Outcome) -> Response<ProxyBody> {

@@ -8,21 +8,25 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tokio::time::{timeout, Instant};
 
-use super::classify::Endpoint;
-use super::full;
+use crate::body::{full, ProxyBody};
 use crate::config::RetryPolicy;
-use crate::error::{AttemptFailure, ProxyError};
+use crate::domain::{AttemptFailure, Endpoint};
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::retry::{ExponentialBackoff, RetryBudget};
-use crate::tls::upstream::Upstream;
+use crate::upstream::Upstream;
 
 /// LINE's answers on these endpoints are small JSON; more is a broken upstream.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// A retry is started only if at least this much of an attempt (or the whole attempt
+/// timeout, if shorter) fits before the deadline: an attempt cut off at once may
+/// still be accepted by LINE, and only adds an unknown outcome.
+const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(200);
 
 /// The request as it goes upstream, reusable across attempts without copying the body.
 pub struct Outbound {
@@ -42,7 +46,7 @@ pub struct Sent {
 }
 
 pub struct Sender<'a> {
-    pub upstream: &'a Upstream,
+    pub upstream: &'a dyn Upstream,
     pub policy: &'a RetryPolicy,
     /// The endpoint's own switch: false sends once.
     pub retry: bool,
@@ -92,7 +96,13 @@ impl Sender<'_> {
             };
 
             let wait = self.next_wait(attempt, failure, answer.as_ref(), &backoff, &mut rng);
-            let fits = wait.is_some_and(|w| Instant::now() + w < deadline);
+            let least = MIN_ATTEMPT_TIME.min(self.policy.attempt_timeout);
+            // Checked: a wait comes from LINE's Retry-After, which may be any number.
+            let fits = wait.is_some_and(|w| {
+                w.checked_add(least)
+                    .and_then(|w| Instant::now().checked_add(w))
+                    .is_some_and(|start| start <= deadline)
+            });
             if !fits {
                 tracing::warn!(
                     endpoint = self.endpoint.name(),
@@ -126,13 +136,8 @@ impl Sender<'_> {
         *req.method_mut() = out.method.clone();
         *req.uri_mut() = out.uri.clone();
         *req.headers_mut() = out.headers.clone();
-        let res = self.upstream.request(req).await?;
-        let (parts, body) = res.into_parts();
-        let body = Limited::new(body, MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|_| AttemptFailure::Reset)?
-            .to_bytes();
+        let (parts, body) = self.upstream.request(req).await?.into_parts();
+        let body = read_answer(body).await?;
         Ok(Sent {
             status: parts.status,
             headers: parts.headers,
@@ -176,6 +181,36 @@ impl Sender<'_> {
         }
         Some(jittered)
     }
+}
+
+/// LINE's whole answer body, up to [`MAX_ANSWER_BYTES`]. A body that breaks off (or
+/// never ends within bounds) is a failed attempt: LINE may have accepted the request.
+async fn read_answer(mut body: ProxyBody) -> Result<Bytes, AttemptFailure> {
+    // The usual answer is one small frame: kept as it is, without a copy.
+    let mut first = Bytes::new();
+    let mut more = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| AttemptFailure::Reset)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if first.len() + more.len() + data.len() > MAX_ANSWER_BYTES {
+            return Err(AttemptFailure::Reset);
+        }
+        if first.is_empty() && more.is_empty() {
+            first = data;
+        } else {
+            if more.is_empty() {
+                more.extend_from_slice(&first);
+            }
+            more.extend_from_slice(&data);
+        }
+    }
+    Ok(if more.is_empty() {
+        first
+    } else {
+        more.freeze()
+    })
 }
 
 /// No more attempts: LINE's last answer if there was one, else the transport failure.
@@ -225,5 +260,10 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&h), None);
+        h.insert(
+            http::header::RETRY_AFTER,
+            "18446744073709551615".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(u64::MAX)));
     }
 }

@@ -13,12 +13,10 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::classify::Endpoint;
-use super::key::RetryKey;
-use super::respond::{error_parts, Outcome};
+use super::respond::error_parts;
 use super::send::Sent;
+use crate::domain::{Answer, Endpoint, KeptHeaders, Outcome, RetryKey};
 use crate::error::ProxyError;
-use crate::store::{Answer, KeptHeaders};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-line-request-id");
 pub const ACCEPTED_REQUEST_ID: HeaderName = HeaderName::from_static("x-line-accepted-request-id");
@@ -131,7 +129,7 @@ fn kept_headers(from: &HeaderMap) -> KeptHeaders {
 /// in the 409; the other endpoints answer `{}`.
 fn success_body(endpoint: Endpoint, conflict_body: &[u8]) -> Bytes {
     if endpoint != Endpoint::Push {
-        return Endpoint::empty_success_body();
+        return Bytes::from_static(b"{}");
     }
     let sent_messages = serde_json::from_slice::<serde_json::Value>(conflict_body)
         .ok()
@@ -143,7 +141,7 @@ fn success_body(endpoint: Endpoint, conflict_body: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::AttemptFailure;
+    use crate::domain::AttemptFailure;
 
     fn conflict(body: &'static str) -> Sent {
         let mut headers = HeaderMap::new();

@@ -1,65 +1,30 @@
 //! The answer store: phase 5 (claim) and the keeping half of phase 7 (settle).
 //!
-//! One interface, chosen by `--store`. A claim on a fingerprint returns one of:
-//! - [`Claim::Done`]: a stored answer, replayed to the bot;
+//! One interface, chosen by `--store`; it knows the domain only. A claim on a
+//! fingerprint returns one of:
+//! - [`Claim::Done`]: a stored answer still inside the window in force, replayed;
 //! - [`Claim::InFlight`]: another request with the same fingerprint is being sent;
 //!   the future resolves to its answer (coalescing), or `None` if its owner gave up,
 //!   in which case the caller claims again;
 //! - [`Claim::Owner`]: this caller sends, and must hand the answer to the [`Ticket`].
 //!   A ticket dropped unsettled releases the claim, so waiters never wait on a dead owner.
 //!
+//! The owner also learns when the fingerprint was *first seen*: with a dedup window
+//! shorter than LINE's 24 h, the key mixes in that window, and a send must keep its key
+//! until the window has passed since its first sighting, whatever became of it (also
+//! when its answer was not kept). So the sighting is recorded for the whole window,
+//! apart from the answer.
+//!
 //! A store failure is never a reason to refuse a send: the derived key still makes
 //! LINE refuse a duplicate. The caller counts it and sends without the store.
 
 pub mod memory;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue, StatusCode};
-
-use crate::pipeline::fingerprint::Fingerprint;
-use crate::pipeline::key::RetryKey;
-use crate::pipeline::respond::Outcome;
-
-/// An answer's few headers, exactly sized: a `HeaderMap` costs several hundred bytes
-/// of tables per stored answer, more than the answers themselves.
-pub type KeptHeaders = Box<[(HeaderName, HeaderValue)]>;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// What the bot is answered with, fresh or replayed. Only the headers worth replaying
-/// are kept (content type and LINE's request ids), never the request's credential.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub headers: KeptHeaders,
-    pub body: Bytes,
-    pub key: RetryKey,
-    /// How the answer was obtained upstream: fresh, conflict-resolved, or error.
-    pub outcome: Outcome,
-    pub attempts: u32,
-    /// LINE's own status on the last attempt, when there was one (a 409 settled into
-    /// 200 keeps 409 here, for the log).
-    pub upstream_status: Option<StatusCode>,
-}
-
-impl Answer {
-    /// Bytes this answer holds, for the store's memory bound.
-    pub fn weight(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                std::mem::size_of::<(HeaderName, HeaderValue)>() + k.as_str().len() + v.len()
-            })
-            .sum();
-        std::mem::size_of::<Answer>() + headers + self.body.len()
-    }
-}
+use crate::body::BoxFuture;
+use crate::domain::{Answer, Fingerprint, StoreStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -67,32 +32,57 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// One claim: which send, for how long, under which window, at what time.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest {
+    pub fp: Fingerprint,
+    /// A claim whose owner vanished without settling lapses after this long (the
+    /// owner's deadline plus a margin).
+    pub lease: Duration,
+    /// The dedup window in force now: answers and sightings older than this are gone,
+    /// even if they were kept under a longer window before a reload.
+    pub window: Duration,
+    /// The wall clock now: sightings are compared across restarts and replicas.
+    pub now: SystemTime,
+}
+
+impl ClaimRequest {
+    /// Whether something first seen at `first_seen` is still inside the window.
+    pub fn within_window(&self, first_seen: SystemTime) -> bool {
+        // A clock that went backwards makes the age zero: still inside.
+        let age = self.now.duration_since(first_seen).unwrap_or_default();
+        age < self.window
+    }
+
+    /// How much of the window is left for something first seen at `first_seen`.
+    pub fn window_left(&self, first_seen: SystemTime) -> Duration {
+        self.window
+            .saturating_sub(self.now.duration_since(first_seen).unwrap_or_default())
+    }
+}
+
 pub enum Claim {
     Done(Arc<Answer>),
     InFlight(BoxFuture<'static, Option<Arc<Answer>>>),
-    Owner(Box<dyn Ticket>),
+    Owner {
+        ticket: Box<dyn Ticket>,
+        /// When this fingerprint was first seen inside the window (now, if never).
+        first_seen: SystemTime,
+    },
 }
 
 pub trait Ticket: Send {
-    /// Publishes `answer` to everyone waiting on this fingerprint and, when `keep_for`
-    /// is set, keeps it for replay that long.
+    /// Publishes `answer` to everyone waiting on this fingerprint and, when `keep` is
+    /// set, keeps it for replay until the window has passed since the first sighting.
     fn settle(
         self: Box<Self>,
         answer: Arc<Answer>,
-        keep_for: Option<Duration>,
+        keep: bool,
     ) -> BoxFuture<'static, Result<(), StoreError>>;
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StoreStats {
-    pub entries: u64,
-    pub bytes: u64,
-}
-
 pub trait Store: Send + Sync + 'static {
-    /// Claims `fp` for at most `lease` (the owner's deadline plus a margin), after
-    /// which a claim whose owner vanished without settling lapses.
-    fn claim(&self, fp: Fingerprint, lease: Duration) -> BoxFuture<'_, Result<Claim, StoreError>>;
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Claim, StoreError>>;
 
     fn stats(&self) -> StoreStats;
 }

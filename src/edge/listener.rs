@@ -1,6 +1,6 @@
 //! The one proxy port: accept loop, per-connection task, graceful drain, and the
 //! routing of each request by its form:
-//! - `CONNECT host:port` → [`crate::connect`] (intercept, tunnel, or refuse);
+//! - `CONNECT host:port` → [`super::connect`] (intercept, tunnel, or refuse);
 //! - absolute-form `http://host/…` (a plain HTTP proxy client) → LINE's hosts go
 //!   through the pipeline, allowlisted hosts are forwarded, the rest refused;
 //! - origin-form `/v2/…` (base-URL mode) → the pipeline, to `--upstream`.
@@ -9,7 +9,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use base64::Engine;
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -17,10 +16,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::app::App;
+use super::auth::authorized;
+use super::Edge;
+use crate::body::{boxed, BoxFuture, ProxyBody};
 use crate::error::ProxyError;
-use crate::pipeline::{self, forward, respond, ProxyBody};
-use crate::store::BoxFuture;
+use crate::pipeline::{forward, respond};
 
 /// A connection's place under `max-connections`. A CONNECT turns the connection into
 /// a tunnel that outlives the HTTP connection, so the tunnel takes the place with it.
@@ -48,11 +48,11 @@ pub enum Front {
     Intercepted { peer: SocketAddr },
 }
 
-pub async fn serve(app: Arc<App>, listener: TcpListener) {
-    let limit = Arc::new(Semaphore::new(app.config.max_connections));
+pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
+    let limit = Arc::new(Semaphore::new(edge.limits.max_connections));
     loop {
         let accepted = tokio::select! {
-            _ = app.shutdown.cancelled() => break,
+            _ = edge.shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -65,16 +65,15 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = app.config.max_connections, "connection limit reached, closing new connection");
+            tracing::warn!(%peer, limit = edge.limits.max_connections, "connection limit reached, closing new connection");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn_app = app.clone();
         // Released when the connection and every clone of its front are gone, unless a
         // CONNECT tunnel took it along.
         let slot = ConnectionSlot(Arc::new(Mutex::new(Some(permit))));
-        app.tasks.spawn(serve_connection(
-            conn_app,
+        edge.tasks.spawn(serve_connection(
+            edge.clone(),
             stream,
             Front::Listener { peer, slot },
         ));
@@ -86,31 +85,31 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
 ///
 /// Boxed because it is recursive through CONNECT: a connection's request may open
 /// an intercepted tunnel, which serves a connection of its own.
-pub fn serve_connection<I>(app: Arc<App>, io: I, front: Front) -> BoxFuture<'static, ()>
+pub fn serve_connection<I>(edge: Arc<Edge>, io: I, front: Front) -> BoxFuture<'static, ()>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    Box::pin(serve_connection_inner(app, io, front))
+    Box::pin(serve_connection_inner(edge, io, front))
 }
 
-async fn serve_connection_inner<I>(app: Arc<App>, io: I, front: Front)
+async fn serve_connection_inner<I>(edge: Arc<Edge>, io: I, front: Front)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let _open = app.metrics.connection();
-    let service_app = app.clone();
+    let _open = edge.metrics.connection();
+    let service_edge = edge.clone();
     let service = service_fn(move |req| {
-        let app = service_app.clone();
+        let edge = service_edge.clone();
         let front = front.clone();
-        async move { Ok::<_, Infallible>(route(app, req, front).await) }
+        async move { Ok::<_, Infallible>(route(edge, req, front).await) }
     });
-    let conn = app
+    let conn = edge
         .http
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = app.shutdown.cancelled() => {
+        _ = edge.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -121,24 +120,24 @@ where
     }
 }
 
-async fn route(app: Arc<App>, req: Request<Incoming>, front: Front) -> Response<ProxyBody> {
+async fn route(edge: Arc<Edge>, req: Request<Incoming>, front: Front) -> Response<ProxyBody> {
     match front {
-        Front::Intercepted { .. } => pipeline::handle(app, req).await,
+        Front::Intercepted { .. } => edge.pipeline.handle(req).await,
         Front::Listener { peer, slot } => {
             if req.method() == Method::CONNECT {
-                crate::connect::handle(app, req, peer, slot).await
+                super::connect::handle(edge, req, peer, slot).await
             } else if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
-                absolute_form(app, req).await
+                absolute_form(edge, req).await
             } else {
-                pipeline::handle(app, req).await
+                edge.pipeline.handle(req).await
             }
         }
     }
 }
 
 /// A plain HTTP proxy request: `POST http://api.line.me/v2/bot/message/push`.
-async fn absolute_form(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
-    if !authorized(&app, req.headers()) {
+async fn absolute_form(edge: Arc<Edge>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if !authorized(edge.proxy_auth.as_ref(), req.headers()) {
         return respond::error_response(&ProxyError::ProxyAuthRequired);
     }
     let Some(host) = req.uri().host().map(str::to_ascii_lowercase) else {
@@ -154,58 +153,18 @@ async fn absolute_form(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyB
             } else {
                 80
             });
-    let live = app.live();
-    if live.policy.intercepts(&host) {
-        return pipeline::handle(app, req).await;
+    let settings = edge.pipeline.settings();
+    if settings.policy.intercepts(&host) {
+        return edge.pipeline.handle(req).await;
     }
-    if !live.policy.tunnel_allowed(&host, port) {
-        app.metrics.connect_refused();
+    if !settings.policy.tunnel_allowed(&host, port) {
+        edge.metrics.connect_refused();
         return respond::error_response(&ProxyError::HostNotAllowed { host });
     }
     let (mut parts, body) = req.into_parts();
     let uri = parts.uri.clone();
-    match forward::forward(&app, &mut parts, body, uri).await {
+    match forward::forward(&edge.pipeline, &mut parts, boxed(body), uri).await {
         Ok(res) => res,
         Err(err) => respond::error_response(&err),
-    }
-}
-
-/// Checks `Proxy-Authorization: Basic` when the proxy requires it.
-pub fn authorized(app: &App, headers: &http::HeaderMap) -> bool {
-    let Some(expected) = &app.config.proxy_auth else {
-        return true;
-    };
-    let Some(given) = headers
-        .get(http::header::PROXY_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some((scheme, encoded)) = given.trim().split_once(' ') else {
-        return false;
-    };
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return false;
-    }
-    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-        return false;
-    };
-    constant_time_eq(&decoded, expected.expose().as_bytes())
-}
-
-/// Compares without an early exit, so the time taken does not reveal a prefix match.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"bot:pw", b"bot:pw"));
-        assert!(!constant_time_eq(b"bot:pw", b"bot:px"));
-        assert!(!constant_time_eq(b"bot:p", b"bot:pw"));
     }
 }

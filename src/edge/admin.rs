@@ -13,9 +13,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::app::App;
+use super::Edge;
 
-pub async fn serve(app: Arc<App>, listener: TcpListener) {
+pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -25,11 +25,11 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
                 continue;
             }
         };
-        let app = app.clone();
+        let edge = edge.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(answer(&app, &req)) }
+                let edge = edge.clone();
+                async move { Ok::<_, Infallible>(answer(&edge, &req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -38,10 +38,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-fn answer(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
-        (&Method::GET, "/readyz") if app.shutdown.is_cancelled() => (
+        (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             Bytes::from_static(b"shutting down\n"),
@@ -50,7 +50,7 @@ fn answer(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            Bytes::from(app.render_metrics()),
+            Bytes::from(edge.render_metrics()),
         ),
         _ => (
             StatusCode::NOT_FOUND,

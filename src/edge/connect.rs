@@ -22,21 +22,23 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::app::App;
+use super::auth::authorized;
+use super::listener::{serve_connection, ConnectionSlot, Front};
+use super::Edge;
+use crate::body::{full, ProxyBody};
 use crate::error::ProxyError;
-use crate::listener::{authorized, serve_connection, ConnectionSlot, Front};
-use crate::pipeline::{full, respond, ProxyBody};
+use crate::pipeline::respond;
 
 pub async fn handle(
-    app: Arc<App>,
+    edge: Arc<Edge>,
     req: Request<Incoming>,
     peer: SocketAddr,
     slot: ConnectionSlot,
 ) -> Response<ProxyBody> {
-    match open(&app, req, peer, slot).await {
+    match open(&edge, req, peer, slot).await {
         Ok(res) => res,
         Err(err) => {
-            app.metrics.connect_refused();
+            edge.metrics.connect_refused();
             tracing::info!(%peer, reason = err.reason(), "CONNECT refused: {err}");
             respond::error_response(&err)
         }
@@ -44,12 +46,12 @@ pub async fn handle(
 }
 
 async fn open(
-    app: &Arc<App>,
+    edge: &Arc<Edge>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     slot: ConnectionSlot,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if !authorized(app, req.headers()) {
+    if !authorized(edge.proxy_auth.as_ref(), req.headers()) {
         return Err(ProxyError::ProxyAuthRequired);
     }
     let authority = req
@@ -63,20 +65,20 @@ async fn open(
     let port = authority
         .port_u16()
         .ok_or(ProxyError::BadRequest("CONNECT target has no port"))?;
-    let live = app.live();
+    let settings = edge.pipeline.settings();
 
-    if live.policy.intercepts(&host) {
-        let task_app = app.clone();
-        after_upgrade(app, &mut req, &slot, move |upgraded| {
-            intercept(task_app, upgraded, host, peer)
+    if settings.policy.intercepts(&host) {
+        let task_edge = edge.clone();
+        after_upgrade(edge, &mut req, &slot, move |upgraded| {
+            intercept(task_edge, upgraded, host, peer)
         });
         return Ok(established());
     }
 
-    if !live.policy.tunnel_allowed(&host, port) {
+    if !settings.policy.tunnel_allowed(&host, port) {
         return Err(ProxyError::HostNotAllowed { host });
     }
-    let connect_timeout = live.policy.retry.attempt_timeout;
+    let connect_timeout = settings.policy.retry.attempt_timeout;
     let target = match timeout(connect_timeout, TcpStream::connect((host.as_str(), port))).await {
         Ok(Ok(target)) => target,
         Ok(Err(err)) => {
@@ -93,23 +95,23 @@ async fn open(
         }
     };
     let _ = target.set_nodelay(true);
-    let task_app = app.clone();
-    after_upgrade(app, &mut req, &slot, move |upgraded| {
-        tunnel(task_app, upgraded, target)
+    let task_edge = edge.clone();
+    after_upgrade(edge, &mut req, &slot, move |upgraded| {
+        tunnel(task_edge, upgraded, target)
     });
     Ok(established())
 }
 
 /// Runs `then` on the raw connection once the 200 has gone out, in a tracked task that
 /// takes the connection's place under `max-connections` along.
-fn after_upgrade<F, Fut>(app: &App, req: &mut Request<Incoming>, slot: &ConnectionSlot, then: F)
+fn after_upgrade<F, Fut>(edge: &Edge, req: &mut Request<Incoming>, slot: &ConnectionSlot, then: F)
 where
     F: FnOnce(Upgraded) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
     let upgrade = hyper::upgrade::on(req);
     let permit = slot.take();
-    app.tasks.spawn(async move {
+    edge.tasks.spawn(async move {
         let _permit = permit;
         match upgrade.await {
             Ok(upgraded) => then(upgraded).await,
@@ -125,8 +127,8 @@ fn established() -> Response<ProxyBody> {
 }
 
 /// TLS with the bot, as `host` (or the SNI name, when that is intercepted too).
-async fn intercept(app: Arc<App>, upgraded: Upgraded, host: String, peer: SocketAddr) {
-    let counted = app.clone();
+async fn intercept(edge: Arc<Edge>, upgraded: Upgraded, host: String, peer: SocketAddr) {
+    let counted = edge.clone();
     let _open = counted.metrics.tunnel();
     let acceptor =
         LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
@@ -137,35 +139,35 @@ async fn intercept(app: Arc<App>, upgraded: Upgraded, host: String, peer: Socket
             .server_name()
             .map(str::to_ascii_lowercase);
         let name = match sni {
-            Some(sni) if app.live().policy.intercepts(&sni) => sni,
+            Some(sni) if edge.pipeline.settings().policy.intercepts(&sni) => sni,
             _ => host,
         };
-        let config = app
+        let config = edge
             .leaves
             .server_config(&name)
             .map_err(std::io::Error::other)?;
         start.into_stream(config).await
     };
-    let tls = match timeout(app.config.handshake_timeout, handshake).await {
+    let tls = match timeout(edge.limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
-            app.metrics.tls_handshake(false);
+            edge.metrics.tls_handshake(false);
             tracing::info!(%peer, error = %err, "TLS handshake with client failed (is the proxy CA trusted?)");
             return;
         }
         Err(_) => {
-            app.metrics.tls_handshake(false);
+            edge.metrics.tls_handshake(false);
             tracing::info!(%peer, "TLS handshake with client timed out");
             return;
         }
     };
-    app.metrics.tls_handshake(true);
-    serve_connection(app, tls, Front::Intercepted { peer }).await;
+    edge.metrics.tls_handshake(true);
+    serve_connection(edge, tls, Front::Intercepted { peer }).await;
 }
 
 /// Bytes both ways until either side closes, or shutdown.
-async fn tunnel(app: Arc<App>, upgraded: Upgraded, mut target: TcpStream) {
-    let _open = app.metrics.tunnel();
+async fn tunnel(edge: Arc<Edge>, upgraded: Upgraded, mut target: TcpStream) {
+    let _open = edge.metrics.tunnel();
     let mut client = TokioIo::new(upgraded);
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut target) => {
@@ -173,7 +175,7 @@ async fn tunnel(app: Arc<App>, upgraded: Upgraded, mut target: TcpStream) {
                 tracing::debug!(error = %err, "tunnel ended with an error");
             }
         }
-        _ = app.shutdown.cancelled() => {
+        _ = edge.shutdown.cancelled() => {
             tracing::debug!("closing tunnel for shutdown");
         }
     }

@@ -1,6 +1,9 @@
-//! The upstream client: one pooled hyper client, TLS config built once, HTTP/2 or
-//! HTTP/1.1 by ALPN. Certificates are always verified: webpki roots, plus the
-//! operator's `--upstream-ca` (tests point it at their own CA).
+//! The way out: the client to LINE. One pooled hyper client, TLS config built once,
+//! HTTP/2 or HTTP/1.1 by ALPN. Certificates are always verified: webpki roots, plus
+//! the operator's `--upstream-ca` (tests point it at their own CA).
+//!
+//! The request path sees it through the [`Upstream`] trait, so a phase can be driven
+//! against a stand-in without sockets.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -9,16 +12,29 @@ use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
+use crate::body::{boxed, BoxFuture, ProxyBody};
 use crate::config::UpstreamTarget;
-use crate::error::AttemptFailure;
-use crate::pipeline::ProxyBody;
+use crate::domain::AttemptFailure;
+
+/// Where requests bound for LINE go, and how they get there.
+pub trait Upstream: Send + Sync + 'static {
+    /// The upstream URI for a request's own path and query.
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri;
+
+    /// Sends one request to its URI and returns the answer head with its body still
+    /// streaming. A failure is classified once, here: could not connect, or the
+    /// connection broke after the request may have left.
+    fn request(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> BoxFuture<'_, Result<Response<ProxyBody>, AttemptFailure>>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -28,12 +44,14 @@ pub enum UpstreamError {
     Tls(#[from] rustls::Error),
 }
 
-pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+/// The real client: pooled connections to `--upstream` (and, for allowlisted
+/// absolute-form requests, to other hosts).
+pub struct Client {
+    client: HyperClient<HttpsConnector<HttpConnector>, ProxyBody>,
     target: UpstreamTarget,
 }
 
-impl Upstream {
+impl Client {
     pub fn new(
         target: UpstreamTarget,
         extra_ca: Option<&Path>,
@@ -61,17 +79,22 @@ impl Upstream {
             .enable_all_versions()
             .wrap_connector(http);
 
-        let client = Client::builder(TokioExecutor::new())
+        let client = HyperClient::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(https);
-        Ok(Upstream { client, target })
+        Ok(Client { client, target })
     }
 
-    /// The upstream URI for a request's own path and query.
-    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+    pub fn target(&self) -> &UpstreamTarget {
+        &self.target
+    }
+}
+
+impl Upstream for Client {
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
         build_uri(
             self.target.scheme.clone(),
             self.target.authority.clone(),
@@ -79,24 +102,23 @@ impl Upstream {
         )
     }
 
-    pub fn target(&self) -> &UpstreamTarget {
-        &self.target
-    }
-
-    /// Sends one request. A failure is classified here, once, for every caller: could
-    /// not connect, or the connection broke after the request may have left.
-    pub async fn request(
+    fn request(
         &self,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, AttemptFailure> {
-        self.client.request(req).await.map_err(|err| {
-            // The cause (refused, certificate not trusted, reset, …) is what an operator
-            // needs; hyper's own message is only "client error (Connect)".
-            tracing::debug!(error = %chain(&err), "upstream request failed");
-            if err.is_connect() {
-                AttemptFailure::Connect
-            } else {
-                AttemptFailure::Reset
+    ) -> BoxFuture<'_, Result<Response<ProxyBody>, AttemptFailure>> {
+        Box::pin(async move {
+            match self.client.request(req).await {
+                Ok(res) => Ok(res.map(boxed)),
+                Err(err) => {
+                    // The cause (refused, certificate not trusted, reset, …) is what an
+                    // operator needs; hyper's own message is only "client error (Connect)".
+                    tracing::debug!(error = %chain(&err), "upstream request failed");
+                    Err(if err.is_connect() {
+                        AttemptFailure::Connect
+                    } else {
+                        AttemptFailure::Reset
+                    })
+                }
             }
         })
     }

@@ -1,23 +1,24 @@
-//! The composition root: builds the store, the upstream client, the CA and the
-//! metrics from a validated [`Config`], and runs the listeners until shutdown.
+//! The composition root: builds the request path's context ([`Pipeline`]) and the
+//! edge's ([`Edge`]) from a validated [`Config`], binds, runs, and drains. Imported
+//! by nothing in the crate; `main` and the tests start the proxy through it.
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Policy, StoreKind};
+use crate::edge::intercept::ca::{CaError, CertificateAuthority};
+use crate::edge::intercept::leaf::LeafCache;
+use crate::edge::{Edge, Limits};
 use crate::metrics::Metrics;
-use crate::retry::RetryBudget;
+use crate::pipeline::Pipeline;
 use crate::store::memory::MemoryStore;
 use crate::store::Store;
-use crate::tls::ca::{CaError, CertificateAuthority};
-use crate::tls::leaf::LeafCache;
-use crate::tls::upstream::{Upstream, UpstreamError};
+use crate::upstream::{Client, UpstreamError};
 
 /// Bounds the intercept leaf cache: one entry per intercepted host name.
 const MAX_LEAF_HOSTS: u64 = 1024;
@@ -35,36 +36,11 @@ pub enum StartError {
     },
 }
 
-/// What SIGHUP may replace: read once per request, swapped whole.
-pub struct Live {
-    pub policy: Policy,
-    /// Rebuilt with the policy, so a new ratio takes effect at once.
-    pub budget: RetryBudget,
-}
-
-impl Live {
-    fn new(policy: Policy) -> Self {
-        let budget = RetryBudget::new(
-            policy.retry.budget_ratio,
-            policy.retry.budget_min_per_second,
-        );
-        Live { policy, budget }
-    }
-}
-
+/// A proxy ready to run: its configuration and both contexts.
 pub struct App {
     pub config: Config,
-    live: RwLock<Arc<Live>>,
-    pub store: Box<dyn Store>,
-    pub upstream: Upstream,
-    pub metrics: Metrics,
-    pub leaves: LeafCache,
-    /// Shared by every client connection: HTTP/1.1 and HTTP/2, with timeouts.
-    pub http: auto::Builder<TokioExecutor>,
-    /// Upstream tasks, connections and tunnels: shutdown waits for all of them.
-    pub tasks: TaskTracker,
-    /// Cancelled when shutdown begins: listeners stop accepting, connections drain.
-    pub shutdown: CancellationToken,
+    pub pipeline: Arc<Pipeline>,
+    pub edge: Arc<Edge>,
 }
 
 impl App {
@@ -72,14 +48,23 @@ impl App {
         let store: Box<dyn Store> = match config.store {
             StoreKind::Memory => Box::new(MemoryStore::new(config.store_max_bytes)),
         };
-        let upstream = Upstream::new(
+        let upstream = Client::new(
             config.upstream.clone(),
             config.upstream_ca.as_deref(),
             config.policy.retry.attempt_timeout,
         )?;
+        let metrics = Arc::new(Metrics::default());
+        let pipeline = Arc::new(Pipeline::new(
+            store,
+            Arc::new(upstream),
+            metrics.clone(),
+            config.policy.clone(),
+            config.body_limit,
+            config.canonical_json,
+        ));
+
         let ca = CertificateAuthority::load_or_create(&config.ca_dir)?;
         let leaves = LeafCache::new(Arc::new(ca), config.leaf_lifetime, MAX_LEAF_HOSTS);
-
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -88,40 +73,32 @@ impl App {
         http.http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
-
-        Ok(Arc::new(App {
-            live: RwLock::new(Arc::new(Live::new(config.policy.clone()))),
-            config,
-            store,
-            upstream,
-            metrics: Metrics::default(),
+        let edge = Arc::new(Edge {
+            // One tracker for both sides: shutdown waits for connections, tunnels and
+            // the upstream work they started.
+            tasks: pipeline.tasks.clone(),
+            pipeline: pipeline.clone(),
             leaves,
             http,
-            tasks: TaskTracker::new(),
+            proxy_auth: config.proxy_auth.clone(),
+            limits: Limits {
+                max_connections: config.max_connections,
+                header_timeout: config.header_timeout,
+                handshake_timeout: config.handshake_timeout,
+            },
+            metrics,
             shutdown: CancellationToken::new(),
+        });
+        Ok(Arc::new(App {
+            config,
+            pipeline,
+            edge,
         }))
-    }
-
-    /// The current policy. A read lock held for one `Arc` clone: never contended
-    /// except for the instant of a reload.
-    pub fn live(&self) -> Arc<Live> {
-        match self.live.read() {
-            Ok(live) => live.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
     }
 
     /// Swaps in a new policy; requests already running keep the one they started with.
     pub fn reload(&self, policy: Policy) {
-        let next = Arc::new(Live::new(policy));
-        match self.live.write() {
-            Ok(mut live) => *live = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
-    }
-
-    pub fn render_metrics(&self) -> String {
-        self.metrics.render(self.store.stats(), self.leaves.len())
+        self.pipeline.reload(policy);
     }
 }
 
@@ -151,23 +128,24 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
-    let proxy = tokio::spawn(crate::listener::serve(app.clone(), listener));
-    let admin = tokio::spawn(crate::admin::serve(app.clone(), admin));
+    let edge = app.edge.clone();
+    let proxy = tokio::spawn(crate::edge::listener::serve(edge.clone(), listener));
+    let admin = tokio::spawn(crate::edge::admin::serve(edge.clone(), admin));
     tokio::select! {
         _ = shutdown => {}
-        _ = app.shutdown.cancelled() => {}
+        _ = edge.shutdown.cancelled() => {}
     }
     tracing::info!(grace = ?app.config.shutdown_grace, "shutting down: no new connections, finishing requests in flight");
-    app.shutdown.cancel();
-    app.tasks.close();
-    let drained = tokio::time::timeout(app.config.shutdown_grace, app.tasks.wait())
+    edge.shutdown.cancel();
+    edge.tasks.close();
+    let drained = tokio::time::timeout(app.config.shutdown_grace, edge.tasks.wait())
         .await
         .is_ok();
     if drained {
         tracing::info!("all requests finished");
     } else {
         tracing::warn!(
-            in_flight = app.metrics.in_flight_now(),
+            in_flight = edge.metrics.in_flight_now(),
             "grace period over, stopping with work in flight"
         );
     }

@@ -1,0 +1,60 @@
+//! The way in: the proxy port (base-URL, absolute-form and CONNECT traffic), the
+//! interception of CONNECT tunnels to LINE (the proxy's CA and its per-host leaves),
+//! and the admin port. The edge hands every request bound for LINE to the
+//! [`Pipeline`]; it never looks inside one.
+
+pub mod admin;
+pub mod auth;
+pub mod connect;
+pub mod intercept;
+pub mod listener;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use intercept::leaf::LeafCache;
+
+/// What the edge holds the outside world to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Time a client has to send a request head.
+    pub header_timeout: Duration,
+    /// Time a client has to finish a TLS handshake inside CONNECT.
+    pub handshake_timeout: Duration,
+}
+
+/// The edge's context.
+pub struct Edge {
+    /// Where requests bound for LINE go.
+    pub pipeline: Arc<Pipeline>,
+    /// Leaf certificates for intercepted hosts, issued by the proxy's CA.
+    pub leaves: LeafCache,
+    /// Shared by every client connection: HTTP/1.1 and HTTP/2, with timeouts.
+    pub http: auto::Builder<TokioExecutor>,
+    /// `Proxy-Authorization: Basic` required on CONNECT and absolute-form requests.
+    pub proxy_auth: Option<Secret>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    /// Connections and tunnels: shutdown waits for all of them.
+    pub tasks: TaskTracker,
+    /// Cancelled when shutdown begins: listeners stop accepting, connections drain.
+    pub shutdown: CancellationToken,
+}
+
+impl Edge {
+    /// The Prometheus text of everything this proxy counts.
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .render(self.pipeline.store.stats(), self.leaves.len())
+    }
+}
