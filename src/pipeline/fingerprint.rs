@@ -9,6 +9,7 @@
 use http::{HeaderMap, Method};
 use sha2::{Digest, Sha256};
 
+use super::canonical::canonical;
 use crate::domain::Fingerprint;
 
 /// Bump when the hashed tuple changes: old fingerprints must never match new ones.
@@ -63,15 +64,6 @@ pub fn fingerprint(req: &Request<'_>, canonical_json: bool) -> Fingerprint {
 fn field(h: &mut Sha256, bytes: &[u8]) {
     h.update((bytes.len() as u64).to_be_bytes());
     h.update(bytes);
-}
-
-/// The body re-serialised with sorted keys and no spaces, so that the same message
-/// written by two clients (Python puts spaces after `:`, Go a trailing newline) is
-/// one fingerprint. Not JSON → `None`, and the raw bytes are hashed.
-fn canonical(body: &[u8]) -> Option<Vec<u8>> {
-    // serde_json's Map is a BTreeMap here (no `preserve_order`), so keys come out sorted.
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    serde_json::to_vec(&value).ok()
 }
 
 #[cfg(test)]

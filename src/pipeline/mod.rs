@@ -15,6 +15,7 @@
 //! LINE, the live settings, the metrics and the task tracker. It knows nothing of how
 //! a request arrived (base URL, absolute form, or decrypted from a CONNECT tunnel).
 
+pub mod canonical;
 pub mod classify;
 pub mod fingerprint;
 pub mod forward;
