@@ -15,6 +15,7 @@ use crate::edge::intercept::ca::{CaError, CertificateAuthority};
 use crate::edge::intercept::leaf::LeafCache;
 use crate::edge::{Edge, Limits};
 use crate::metrics::Metrics;
+use crate::pipeline::read::Intake;
 use crate::pipeline::Pipeline;
 use crate::store::memory::MemoryStore;
 use crate::store::Store;
@@ -59,7 +60,13 @@ impl App {
             Arc::new(upstream),
             metrics.clone(),
             config.policy.clone(),
-            config.body_limit,
+            Intake::new(
+                config.body_limit,
+                config.body_timeout,
+                config.idle_timeout,
+                config.buffer_limit,
+                metrics.clone(),
+            ),
             config.canonical_json,
         ));
 
@@ -83,7 +90,9 @@ impl App {
             proxy_auth: config.proxy_auth.clone(),
             limits: Limits {
                 max_connections: config.max_connections,
+                admin_max_connections: config.admin_max_connections,
                 header_timeout: config.header_timeout,
+                idle_timeout: config.idle_timeout,
                 handshake_timeout: config.handshake_timeout,
             },
             metrics,
