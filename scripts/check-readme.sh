@@ -39,6 +39,11 @@ shown 'line-retry-proxy ca --ca-dir ./ca > line-retry-proxy-ca.pem'
 (cd "$work" && "$OLDPWD/$bin" ca --ca-dir ./ca > line-retry-proxy-ca.pem && grep -q 'BEGIN CERTIFICATE' line-retry-proxy-ca.pem)
 cmp -s "$work/ca/ca.pem" "$work/line-retry-proxy-ca.pem" || { echo "check-readme: ca printed another CA than the running proxy's" >&2; exit 1; }
 
+shown 'line-retry-proxy ca --renew --ca-dir ./ca > bundle.pem'
+(cd "$work" && "$OLDPWD/$bin" ca --renew --ca-dir ./ca > bundle.pem 2>/dev/null)
+[ "$(grep -c 'BEGIN CERTIFICATE' "$work/bundle.pem")" -eq 2 ] || { echo "check-readme: ca --renew did not print the new and the old certificate" >&2; exit 1; }
+cmp -s "$work/ca/ca-previous.pem" "$work/line-retry-proxy-ca.pem" || { echo "check-readme: ca --renew did not keep the old certificate" >&2; exit 1; }
+
 shown 'line-retry-proxy check-config --config config/line-retry-proxy.toml'
 "$bin" check-config --config config/line-retry-proxy.toml | grep -q '^max-attempts = 4'
 
@@ -50,4 +55,4 @@ grep -q 'configuration reloaded' "$work/log"
 kill -TERM "$pid"
 wait "$pid" && code=0 || code=$?
 [ "$code" -eq 0 ] || { echo "check-readme: exit $code after SIGTERM" >&2; exit 1; }
-echo "check-readme: ok (run, stats, metrics, ca, check-config, SIGHUP, SIGTERM)"
+echo "check-readme: ok (run, stats, metrics, ca, ca --renew, check-config, SIGHUP, SIGTERM)"

@@ -140,9 +140,12 @@ impl ProxyError {
     }
 
     /// Whether the connection must close after this answer: the request's body was cut
-    /// off, so the bytes that follow on the connection cannot be trusted to frame a request.
+    /// off or left unread, so what follows on the connection is not worth reading.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, ProxyError::ClientBody | ProxyError::BodyTimeout)
+        matches!(
+            self,
+            ProxyError::ClientBody | ProxyError::BodyTimeout | ProxyError::Overloaded
+        )
     }
 
     pub fn reason_header(&self) -> HeaderValue {

@@ -87,7 +87,7 @@ pub struct ServeArgs {
     /// Hosts (host or host:port) tunnelled untouched, comma-separated; `*` admits all [default: api-data.line.me]
     #[arg(long, env = "LINE_RETRY_PROXY_TUNNEL_ALLOW", value_name = "HOSTS")]
     pub tunnel_allow: Option<String>,
-    /// Require Proxy-Authorization: Basic for CONNECT and absolute-form requests (USER:PASSWORD)
+    /// Require Proxy-Authorization: Basic (USER:PASSWORD) on CONNECT and absolute-form requests only: base-URL requests are not covered, as SDKs cannot send it there. Set it in the environment or the file: a flag is visible in `ps`
     #[arg(long, env = "LINE_RETRY_PROXY_PROXY_AUTH", value_name = "USER:PASSWORD", hide_env_values = true, value_parser = secret)]
     pub proxy_auth: Option<Secret>,
     /// Client connections served at once; more wait in the kernel backlog [default: 4096]
