@@ -90,7 +90,7 @@ pub type Conn<'a, E> =
 
 /// Runs a connection until it ends, until it is idle past its limits, or until shutdown
 /// (then it finishes the requests it has).
-pub async fn drive<E: std::fmt::Display>(
+pub async fn drive<E: Into<BoxError>>(
     mut conn: Conn<'_, E>,
     activity: &Activity,
     limits: &Limits,
@@ -115,6 +115,14 @@ pub async fn drive<E: std::fmt::Display>(
         }
     };
     if let Err(err) = result {
+        let err: BoxError = err.into();
+        // hyper's own header timer: a head begun but not finished in time.
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            metrics.limit_hit(Limit::HeaderTimeout);
+        }
         // Clients vanish mid-request all the time; not worth more than debug.
         tracing::debug!(error = %err, "connection ended with an error");
     }
