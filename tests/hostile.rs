@@ -590,3 +590,23 @@ async fn connect_inside_an_intercepted_tunnel_is_405() {
     assert_eq!(status, 405, "{head}");
     assert!(mock.requests().is_empty(), "nothing went upstream");
 }
+
+/// A `%` that starts no escape means different things to different servers: refused.
+#[tokio::test]
+async fn a_path_with_a_stray_percent_is_refused() {
+    let mock = MockLine::start().await;
+    let proxy = Proxy::start(&mock, &[]).await;
+    let mut stream = raw(
+        &proxy,
+        format!(
+            "POST /v2/bot/message/%%370ush HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n\
+             Content-Length: 2\r\n\r\n{{}}"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (status, head, body) = within("an answer to a stray %", read_answer(&mut stream)).await;
+    assert_eq!(status, 400, "{head}");
+    assert_eq!(json(&body)["reason"], "bad_request");
+    assert!(mock.requests().is_empty());
+}

@@ -155,6 +155,12 @@ impl Config {
         Config::merge(args, file)
     }
 
+    /// The configuration a TOML text gives, over the defaults, with no flags or
+    /// environment: what `--config FILE` alone would give.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::merge(&ServeArgs::default(), sources::parse_file(text, "<text>")?)
+    }
+
     fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         let listen = addr("listen", pick(&args.listen, file.listen), "127.0.0.1:8080")?;
         let admin_listen = addr(
@@ -290,7 +296,12 @@ impl Config {
             listen,
             admin_listen,
             upstream,
-            upstream_ca: args.upstream_ca.clone().or(file.upstream_ca),
+            // Empty, as check-config prints an unset one: none.
+            upstream_ca: args
+                .upstream_ca
+                .clone()
+                .or(file.upstream_ca)
+                .filter(|p| !p.as_os_str().is_empty()),
             ca_dir: args
                 .ca_dir
                 .clone()
@@ -461,6 +472,16 @@ mod tests {
         assert!(!c.describe().contains("hunter2"));
         let err = file("proxy-auth = \"hunter2\"").unwrap_err().to_string();
         assert!(!err.contains("hunter2"));
+    }
+
+    /// Found by the config_toml fuzz target: check-config printed `proxy-auth = ""` for
+    /// an unset credential, which did not load again.
+    #[test]
+    fn check_config_output_loads_to_the_same_settings() {
+        let defaults = Config::from_toml("").unwrap();
+        let again = Config::from_toml(&defaults.describe()).unwrap();
+        assert_eq!(again.describe(), defaults.describe());
+        assert!(again.proxy_auth.is_none() && again.upstream_ca.is_none());
     }
 
     #[test]

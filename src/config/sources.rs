@@ -172,7 +172,12 @@ pub(super) struct FileEndpoint {
 pub(super) fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(format!("config file {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
+    parse_file(&text, &path.display().to_string())
+}
+
+/// The TOML text of a config file; `name` says where it came from in errors.
+pub(super) fn parse_file(text: &str, name: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         // toml's message spans several lines with a source excerpt; one line is the contract.
         let message = e.message().replace('\n', " ");
         let place = e
@@ -189,7 +194,7 @@ pub(super) fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
                 )
             })
             .unwrap_or_default();
-        ConfigError::new(format!("config file {}{place}: {message}", path.display()))
+        ConfigError::new(format!("config file {name}{place}: {message}"))
     })
 }
 

@@ -218,7 +218,9 @@ pub(super) fn log_format(value: Option<String>) -> Result<LogFormat, ConfigError
 
 pub(super) fn proxy_auth(value: Option<Secret>) -> Result<Option<Secret>, ConfigError> {
     match value {
+        // Empty, as the shipped file and check-config show an unset one: none.
         None => Ok(None),
+        Some(v) if v.0.is_empty() => Ok(None),
         Some(v)
             if v.0
                 .split_once(':')

@@ -54,17 +54,7 @@ async fn open(
     if !authorized(edge.proxy_auth.as_ref(), req.headers()) {
         return Err(ProxyError::ProxyAuthRequired);
     }
-    let authority = req
-        .uri()
-        .authority()
-        .ok_or(ProxyError::BadRequest("CONNECT needs a host:port target"))?;
-    let host = authority
-        .host()
-        .trim_matches(['[', ']'])
-        .to_ascii_lowercase();
-    let port = authority
-        .port_u16()
-        .ok_or(ProxyError::BadRequest("CONNECT target has no port"))?;
+    let (host, port) = connect_target(req.uri())?;
     let settings = edge.pipeline.settings();
 
     if settings.policy.intercepts(&host) {
@@ -100,6 +90,21 @@ async fn open(
         tunnel(task_edge, upgraded, target)
     });
     Ok(established())
+}
+
+/// The host (lower case, IPv6 without brackets) and port a CONNECT names.
+pub fn connect_target(uri: &http::Uri) -> Result<(String, u16), ProxyError> {
+    let authority = uri
+        .authority()
+        .ok_or(ProxyError::BadRequest("CONNECT needs a host:port target"))?;
+    let host = authority
+        .host()
+        .trim_matches(['[', ']'])
+        .to_ascii_lowercase();
+    let port = authority
+        .port_u16()
+        .ok_or(ProxyError::BadRequest("CONNECT target has no port"))?;
+    Ok((host, port))
 }
 
 /// Runs `then` on the raw connection once the 200 has gone out, in a tracked task that

@@ -127,6 +127,11 @@ where
 }
 
 async fn route(edge: Arc<Edge>, req: Request<Incoming>, front: Front) -> Response<ProxyBody> {
+    if classify::malformed_escape(req.uri().path()) {
+        return respond::error_response(&ProxyError::BadRequest(
+            "a `%` in the path that does not start a %XX escape",
+        ));
+    }
     let req = normalize(req);
     match front {
         Front::Intercepted { .. } if req.method() == Method::CONNECT => respond::error_response(
@@ -174,24 +179,31 @@ fn normalize(mut req: Request<Incoming>) -> Request<Incoming> {
     req
 }
 
+/// The host (lower case) and port of an absolute-form target; the port defaults by scheme.
+pub fn absolute_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
+    let host = uri
+        .host()
+        .map(str::to_ascii_lowercase)
+        .ok_or(ProxyError::BadRequest(
+            "absolute-form target without a host",
+        ))?;
+    let default = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    Ok((host, uri.port_u16().unwrap_or(default)))
+}
+
 /// A plain HTTP proxy request: `POST http://api.line.me/v2/bot/message/push`.
 async fn absolute_form(edge: Arc<Edge>, req: Request<Incoming>) -> Response<ProxyBody> {
     if !authorized(edge.proxy_auth.as_ref(), req.headers()) {
         return respond::error_response(&ProxyError::ProxyAuthRequired);
     }
-    let Some(host) = req.uri().host().map(str::to_ascii_lowercase) else {
-        return respond::error_response(&ProxyError::BadRequest(
-            "absolute-form target without a host",
-        ));
+    let (host, port) = match absolute_target(req.uri()) {
+        Ok(target) => target,
+        Err(err) => return respond::error_response(&err),
     };
-    let port =
-        req.uri()
-            .port_u16()
-            .unwrap_or(if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
-                443
-            } else {
-                80
-            });
     let settings = edge.pipeline.settings();
     if settings.policy.intercepts(&host) {
         return edge.pipeline.handle(req).await;

@@ -43,6 +43,11 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         if let Some(c) = unreserved_escape(bytes, i) {
             out.push(c);
             i += 3;
+        } else if bytes[i] == b'%' && !is_escape(bytes, i) {
+            // A stray `%` is escaped itself, so that a decoded character can never
+            // complete it into a new escape (`%%370ush` must not become `%70ush`).
+            out.push_str("%25");
+            i += 1;
         } else {
             // Only ASCII is decoded, so every other byte is copied within its character.
             let len = utf8_len(bytes[i]);
@@ -51,6 +56,23 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// Whether `bytes[i..i + 3]` is a `%XX` escape.
+fn is_escape(bytes: &[u8], i: usize) -> bool {
+    bytes.get(i) == Some(&b'%')
+        && bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+        && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+}
+
+/// Whether `path` has a `%` that does not start a `%XX` escape: no valid request
+/// target does, and servers disagree on what it means.
+pub fn malformed_escape(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'%' && !is_escape(bytes, i))
 }
 
 /// The unreserved character escaped at `bytes[i..i + 3]`, if that is one.
@@ -145,11 +167,28 @@ mod tests {
                 "{path}"
             );
         }
-        assert_eq!(normalize_path("/a%2Fb%zz%7e%"), "/a%2Fb%zz~%");
+        assert_eq!(normalize_path("/a%2Fb%zz%7e%"), "/a%2Fb%25zz~%25");
+        assert!(
+            malformed_escape("/a%zz") && malformed_escape("/a%4") && !malformed_escape("/a%41")
+        );
         assert_eq!(normalize_path("/caf\u{e9}%41"), "/caf\u{e9}A");
         assert!(matches!(normalize_path("/plain"), Cow::Borrowed(_)));
         assert_eq!(
             classify(&Method::POST, "/v2/bot/message%2Fpush"),
+            Route::Passthrough
+        );
+    }
+
+    /// Found by the classify_path fuzz target: decoding `%35` completed the stray `%3`
+    /// before it into a new escape, so a second pass decoded again.
+    #[test]
+    fn normalising_never_makes_a_new_escape() {
+        for path in ["v)btv/;%3%35ush", "/v2/bot/message/%%370ush", "/%%%37%30"] {
+            let once = normalize_path(path);
+            assert_eq!(normalize_path(&once), once, "{path}");
+        }
+        assert_eq!(
+            classify(&Method::POST, "/v2/bot/message/%%370ush"),
             Route::Passthrough
         );
     }

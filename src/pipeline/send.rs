@@ -231,7 +231,7 @@ fn is_monthly_limit(body: &[u8]) -> bool {
         .any(|w| w.eq_ignore_ascii_case(b"monthly limit"))
 }
 
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }

@@ -127,7 +127,7 @@ fn kept_headers(from: &HeaderMap) -> KeptHeaders {
 
 /// Push's success carries the accepted request's `sentMessages`, which LINE repeats
 /// in the 409; the other endpoints answer `{}`.
-fn success_body(endpoint: Endpoint, conflict_body: &[u8]) -> Bytes {
+pub fn success_body(endpoint: Endpoint, conflict_body: &[u8]) -> Bytes {
     if endpoint != Endpoint::Push {
         return Bytes::from_static(b"{}");
     }
