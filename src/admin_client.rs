@@ -161,6 +161,7 @@ pub fn stats_table(metrics: &str) -> String {
             value("line_retry_proxy_retry_budget_exhausted_total"),
         ),
         ("in flight", value("line_retry_proxy_in_flight_requests")),
+        ("store up", value("line_retry_proxy_store_up")),
         ("store entries", value("line_retry_proxy_store_entries")),
         ("store bytes", value("line_retry_proxy_store_bytes")),
         ("store errors", value("line_retry_proxy_store_errors_total")),

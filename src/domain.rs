@@ -307,4 +307,7 @@ pub struct StoreStats {
     pub bytes: u64,
     /// Claims held by requests in flight now.
     pub claims: u64,
+    /// Whether the store is serving. A shared store may be unreachable, and the
+    /// proxy then sends without it.
+    pub up: bool,
 }

@@ -266,6 +266,12 @@ impl Metrics {
             "Bytes held by the store, as weighed for its bound.",
             store.bytes as i64,
         );
+        gauge(
+            o,
+            "line_retry_proxy_store_up",
+            "1 while the store serves; 0 while sends go without it (a shared store unreachable).",
+            i64::from(store.up),
+        );
         counter(
             o,
             "line_retry_proxy_store_errors_total",
@@ -371,6 +377,7 @@ mod tests {
                 entries: 2,
                 bytes: 300,
                 claims: 0,
+                up: true,
             },
             1,
         );
@@ -384,6 +391,7 @@ mod tests {
             "line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.05\"} 2"
         ));
         assert!(text.contains("line_retry_proxy_store_bytes 300"));
+        assert!(text.contains("line_retry_proxy_store_up 1"));
         assert!(text.contains("line_retry_proxy_in_flight_requests 0"));
     }
 }

@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (it accepts
-//! traffic: false once shutdown begins), `/metrics` (Prometheus text).
+//! traffic: false once shutdown begins; the body also says how the store is, since
+//! the proxy serves without it), `/metrics` (Prometheus text).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let edge = edge.clone();
-                async move { Ok::<_, Infallible>(answer(&edge, &req)) }
+                async move { Ok::<_, Infallible>(answer(&edge, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -38,7 +39,7 @@ pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
     }
 }
 
-fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => (
@@ -46,11 +47,15 @@ fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain",
             Bytes::from_static(b"shutting down\n"),
         ),
-        (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n")),
+        (&Method::GET, "/readyz") => (
+            StatusCode::OK,
+            "text/plain",
+            Bytes::from(format!("ready\n{}\n", edge.pipeline.store.describe())),
+        ),
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            Bytes::from(edge.render_metrics()),
+            Bytes::from(edge.render_metrics().await),
         ),
         _ => (
             StatusCode::NOT_FOUND,

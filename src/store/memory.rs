@@ -196,7 +196,12 @@ impl Store for MemoryStore {
             entries: self.answers.entry_count(),
             bytes: self.answers.weighted_size() + self.sightings.weighted_size(),
             claims: self.claims.iter().map(|s| lock(s).len() as u64).sum(),
+            up: true,
         }
+    }
+
+    fn describe(&self) -> String {
+        "store: memory (this process only)".to_owned()
     }
 }
 
