@@ -1,0 +1,573 @@
+//! The shared store: one Redis (or Valkey) for every replica behind a load balancer,
+//! and for the process after a restart. Per fingerprint, three keys, each expiring:
+//!
+//! | key | value | expires |
+//! |---|---|---|
+//! | `lrp:a:<fp>` | the answer ([`record`]), with its first sighting | when the window has passed since the first sighting |
+//! | `lrp:l:<fp>` | the owner's token: a send in flight | with its lease (the owner's deadline plus a margin) |
+//! | `lrp:s:<fp>` | the first sighting (ms), for windows under 24 h only | with the window |
+//!
+//! A claim is one script, one round trip: a kept answer inside the window in force is
+//! replayed; else a lease held by another owner means wait; else the lease is taken
+//! (`SET NX PX`) and the first sighting read or recorded. A settle is one script too:
+//! keep the answer, release the lease if still ours, and publish the answer on one
+//! channel for the whole process pool. Each process listens on one pub/sub connection
+//! and hands answers to its waiters; a waiter also looks every [`POLL`], so a lost
+//! message costs at most that, and a lease whose owner died lapses by itself.
+//!
+//! Every call is bounded by `store-timeout`. The first failure marks the store down,
+//! and from then on sends skip it at once (still under derived keys, so LINE refuses
+//! duplicates) until a probe finds it serving again.
+
+mod health;
+mod record;
+mod waiters;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
+use futures_util::StreamExt;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{Claim, ClaimRequest, Store, StoreError, Ticket};
+use crate::body::BoxFuture;
+use crate::domain::{Answer, Fingerprint, StoreStats, LINE_KEY_LIFETIME};
+use health::Health;
+use waiters::{Waiter, Waiters};
+
+/// A waiter looks at Redis this often when no message comes: the bound on what a lost
+/// pub/sub message costs, and the load of a waiter (one `MGET`).
+const POLL: Duration = Duration::from_millis(200);
+/// While up, a probe confirms it now and then, so `/readyz` is true without traffic.
+const PROBE_WHILE_UP: Duration = Duration::from_secs(5);
+/// While down, how soon the store is tried again.
+const PROBE_WHILE_DOWN: Duration = Duration::from_millis(500);
+/// Connecting (TCP, TLS, AUTH) happens off the request path, with its own bound.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The channel every settled answer is published on: the fingerprint, then the record.
+const CHANNEL: &str = "lrp:settled";
+const PROBE_KEY: &str = "lrp:probe";
+
+/// Answer, lease, sighting: checked, taken, read or recorded in one step.
+/// Returns {1, record} to replay, {2, ''} to wait, {3, first seen} to own the send.
+const CLAIM: &str = r"
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function inside(seen)
+  return seen ~= nil and math.max(now - seen, 0) < window
+end
+local kept = redis.call('GET', KEYS[1])
+if kept then
+  if inside(tonumber(string.match(kept, '^(%d+):'))) then
+    return {1, kept}
+  end
+  -- kept under a longer window than the one in force, or unreadable
+  redis.call('DEL', KEYS[1])
+end
+if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[3]) then
+  return {2, ''}
+end
+local first = ARGV[1]
+if ARGV[5] == '1' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen and inside(tonumber(seen)) then
+    first = seen
+  else
+    redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+  end
+end
+return {3, first}
+";
+
+/// Keep (when a lifetime is given), release the lease if still ours, tell every waiter.
+const SETTLE: &str = r"
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ARGV[2])
+return 1
+";
+
+/// Deletes a key only if it still holds the value given; publishes when asked to.
+const DELETE_IF_HELD: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[2] ~= '' then
+    redis.call('PUBLISH', ARGV[2], ARGV[3])
+  end
+end
+return 1
+";
+
+/// Where the store is and how long a send may wait on it.
+#[derive(Clone)]
+pub struct RedisOptions {
+    /// `rediss://`: TLS, always verified (against `ca`, or the system roots).
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A PEM file of the CA to trust instead of the system roots (TLS only).
+    pub ca: Option<PathBuf>,
+    /// The longest any call on the request path waits.
+    pub timeout: Duration,
+}
+
+impl RedisOptions {
+    /// Where the store is, as logs and `/readyz` say it: no credential.
+    fn location(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}/{}", self.port, self.db)
+    }
+}
+
+impl fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("location", &self.location())
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca", &self.ca)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    /// Ends the probe and pub/sub tasks with the store.
+    _tasks: DropGuard,
+}
+
+struct Shared {
+    /// One multiplexed connection, reconnected in the background when lost.
+    conn: ConnectionManager,
+    timeout: Duration,
+    health: Health,
+    waiters: Arc<Waiters>,
+    claim: Script,
+    settle: Script,
+    delete_if_held: Script,
+    /// Claims held by sends of this process.
+    claims: AtomicU64,
+    /// As of the last refresh: keys in the store's database, and Redis's used memory.
+    entries: AtomicU64,
+    bytes: AtomicU64,
+    /// Scrubbed from every error text, should a server ever echo it.
+    password: Option<String>,
+}
+
+impl RedisStore {
+    /// Builds the store and starts its probe and pub/sub tasks; connects in the
+    /// background, so a Redis that is down at start does not stop the proxy starting.
+    pub fn new(options: RedisOptions) -> Result<RedisStore, StoreError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| StoreError::Setup("the Redis store needs a tokio runtime".into()))?;
+        let client = client(&options)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(None)
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| StoreError::Setup(format!("redis client: {e}")))?;
+        let location = options.location();
+        let shared = Arc::new(Shared {
+            conn,
+            timeout: options.timeout,
+            health: Health::new(location.clone()),
+            waiters: Arc::default(),
+            claim: Script::new(CLAIM),
+            settle: Script::new(SETTLE),
+            delete_if_held: Script::new(DELETE_IF_HELD),
+            claims: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            password: options.password.filter(|p| !p.is_empty()),
+        });
+        let stop = CancellationToken::new();
+        runtime.spawn(probe(shared.clone(), stop.clone()));
+        runtime.spawn(listen(shared.clone(), client, stop.clone()));
+        tracing::info!(store = %location, timeout = ?options.timeout, "answer store: redis");
+        Ok(RedisStore {
+            shared,
+            _tasks: stop.drop_guard(),
+        })
+    }
+}
+
+fn client(options: &RedisOptions) -> Result<Client, StoreError> {
+    let addr = if options.tls {
+        ConnectionAddr::TcpTls {
+            host: options.host.clone(),
+            port: options.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(options.host.clone(), options.port)
+    };
+    let mut redis = RedisConnectionInfo::default()
+        .set_db(options.db)
+        // CLIENT SETINFO is unknown to servers before 7.2.
+        .set_skip_set_lib_name();
+    if let Some(user) = &options.username {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = &options.password {
+        redis = redis.set_password(password);
+    }
+    let info = addr
+        .into_connection_info()
+        .map_err(|e| StoreError::Setup(format!("redis address: {e}")))?
+        .set_redis_settings(redis);
+    let built = match &options.ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| StoreError::Setup(format!("store-ca {}: {e}", path.display())))?;
+            let certificates = ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            Client::build_with_tls(info, certificates)
+        }
+        None => Client::open(info),
+    };
+    built.map_err(|e| StoreError::Setup(format!("redis client: {e}")))
+}
+
+/// `lrp:<kind>:<fingerprint>`, the fingerprint as its 32 raw bytes.
+fn key(kind: u8, fp: &Fingerprint) -> Vec<u8> {
+    let mut key = Vec::with_capacity(38);
+    key.extend_from_slice(b"lrp:");
+    key.push(kind);
+    key.push(b':');
+    key.extend_from_slice(&fp.0);
+    key
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Shared {
+    /// One call to Redis, bounded by the store timeout. Any failure marks the store
+    /// down: later sends skip it until the probe finds it serving.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        if !self.health.is_up() {
+            return Err(StoreError::Unavailable(self.health.reason()));
+        }
+        let reason = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(err)) => self.scrub(err.to_string()),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.health.down(&reason);
+        Err(StoreError::Unavailable(reason))
+    }
+
+    fn scrub(&self, text: String) -> String {
+        match &self.password {
+            Some(password) => text.replace(password.as_str(), "***"),
+            None => text,
+        }
+    }
+
+    async fn claim(self: &Arc<Self>, req: ClaimRequest) -> Result<Claim, StoreError> {
+        let token = fastrand::u128(..).to_le_bytes();
+        let short = req.window < LINE_KEY_LIFETIME;
+        let mut conn = self.conn.clone();
+        let mut invocation = self.claim.prepare_invoke();
+        invocation
+            .key(key(b'a', &req.fp))
+            .key(key(b'l', &req.fp))
+            .key(key(b's', &req.fp))
+            .arg(record::millis(req.now))
+            .arg(millis(req.window).max(1))
+            .arg(millis(req.lease).max(1))
+            .arg(&token[..])
+            .arg(if short { "1" } else { "0" });
+        let (kind, value): (u8, Vec<u8>) = self.call(invocation.invoke_async(&mut conn)).await?;
+        match kind {
+            1 => match record::decode(&value) {
+                Some((_, answer)) => Ok(Claim::Done(Arc::new(answer))),
+                None => Err(self.discard(&req.fp, value).await),
+            },
+            2 => {
+                // Registered now, not when the future is first polled, so an answer
+                // published meanwhile is not missed. (One published between the script
+                // and this line is: the waiter then finds no lease and claims again.)
+                let waiter = self.waiters.register(req.fp);
+                Ok(Claim::InFlight(Box::pin(self.clone().wait(req.fp, waiter))))
+            }
+            3 => {
+                let first_seen = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|ms| ms.parse().ok())
+                    .map_or(req.now, record::from_millis);
+                self.claims.fetch_add(1, Ordering::Relaxed);
+                Ok(Claim::Owner {
+                    ticket: Box::new(RedisTicket {
+                        shared: self.clone(),
+                        fp: req.fp,
+                        token,
+                        first_seen,
+                        keep_for: req.window_left(first_seen),
+                        settled: false,
+                    }),
+                    first_seen,
+                })
+            }
+            _ => Err(StoreError::Unavailable(format!(
+                "unexpected claim result {kind}"
+            ))),
+        }
+    }
+
+    /// A record that does not decode is a miss: it is deleted (unless replaced
+    /// meanwhile), and the caller sends without the store this once.
+    async fn discard(&self, fp: &Fingerprint, record: Vec<u8>) -> StoreError {
+        tracing::warn!(
+            fingerprint = ?fp,
+            bytes = record.len(),
+            "answer store: discarding a record this version cannot read"
+        );
+        let mut conn = self.conn.clone();
+        let mut invocation = self.delete_if_held.prepare_invoke();
+        invocation.key(key(b'a', fp)).arg(record).arg("").arg("");
+        let _ = self.call(invocation.invoke_async::<i64>(&mut conn)).await;
+        StoreError::Corrupt
+    }
+
+    /// Waits for the answer of a send in flight elsewhere: woken by pub/sub, looking
+    /// again every [`POLL`]. `None` when the owner let go or its lease lapsed, or the
+    /// store failed: the caller claims again.
+    async fn wait(self: Arc<Self>, fp: Fingerprint, mut waiter: Waiter) -> Option<Arc<Answer>> {
+        loop {
+            let mut conn = self.conn.clone();
+            let mut mget = ::redis::cmd("MGET");
+            mget.arg(key(b'a', &fp)).arg(key(b'l', &fp));
+            let found: Vec<Option<Vec<u8>>> = self.call(mget.query_async(&mut conn)).await.ok()?;
+            match found.as_slice() {
+                [Some(kept), _] => {
+                    return record::decode(kept).map(|(_, answer)| Arc::new(answer));
+                }
+                [None, Some(_)] => {}
+                // Settled unkept (its answer may be in the message just delivered) or
+                // let go.
+                _ => return waiter.delivered(),
+            }
+            // Up to a fifth early, so waiters that started together spread out.
+            let pause = POLL.mul_f64(0.8 + fastrand::f64() * 0.2);
+            tokio::select! {
+                woken = waiter.woken() => if let Some(answer) = woken {
+                    return Some(answer);
+                },
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// `DBSIZE` and the server's used memory, for the metrics.
+    async fn refresh(&self) {
+        let mut conn = self.conn.clone();
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("DBSIZE").cmd("INFO").arg("memory");
+        if let Ok((keys, info)) = self
+            .call(pipe.query_async::<(u64, String)>(&mut conn))
+            .await
+        {
+            self.entries.store(keys, Ordering::Relaxed);
+            let used = info
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|n| n.trim().parse().ok());
+            if let Some(used) = used {
+                self.bytes.store(used, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Store for RedisStore {
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Claim, StoreError>> {
+        Box::pin(self.shared.claim(req))
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            entries: self.shared.entries.load(Ordering::Relaxed),
+            bytes: self.shared.bytes.load(Ordering::Relaxed),
+            claims: self.shared.claims.load(Ordering::Relaxed),
+            up: self.shared.health.is_up(),
+        }
+    }
+
+    fn refresh(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.shared.refresh())
+    }
+
+    fn describe(&self) -> String {
+        self.shared.health.describe()
+    }
+}
+
+/// Confirms the store serves, by a write (so a full or read-only Redis counts as
+/// down too): often while down, now and then while up.
+async fn probe(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let mut conn = shared.conn.clone();
+        let mut set = ::redis::cmd("SET");
+        set.arg(PROBE_KEY).arg(1).arg("PX").arg(10_000);
+        let probed = tokio::time::timeout(shared.timeout, set.query_async::<()>(&mut conn)).await;
+        match probed {
+            Ok(Ok(())) => shared.health.up(),
+            Ok(Err(err)) => shared.health.down(&shared.scrub(err.to_string())),
+            Err(_) => shared
+                .health
+                .down(&format!("no answer within {:?}", shared.timeout)),
+        }
+        let pause = if shared.health.is_up() {
+            PROBE_WHILE_UP
+        } else {
+            PROBE_WHILE_DOWN
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// The process's one pub/sub connection: hands every settled answer to the waiters
+/// of its fingerprint. Reconnects by itself; after each (re)connect every waiter looks
+/// again, since what was published meanwhile is lost.
+async fn listen(shared: Arc<Shared>, client: Client, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(CHANNEL).await?;
+            Ok::<_, ::redis::RedisError>(pubsub)
+        };
+        let connected = tokio::select! {
+            _ = stop.cancelled() => return,
+            connected = tokio::time::timeout(CONNECT_TIMEOUT, connect) => connected,
+        };
+        if let Ok(Ok(pubsub)) = connected {
+            backoff = Duration::from_millis(100);
+            shared.waiters.wake_all();
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    message = messages.next() => message,
+                };
+                let Some(message) = message else { break };
+                let payload = message.get_payload_bytes();
+                if payload.len() < 32 {
+                    continue;
+                }
+                let (fp, rest) = payload.split_at(32);
+                let mut bytes = [0u8; 32];
+                bytes.copy_from_slice(fp);
+                let answer = record::decode(rest).map(|(_, answer)| Arc::new(answer));
+                shared.waiters.deliver(&Fingerprint(bytes), answer);
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+struct RedisTicket {
+    shared: Arc<Shared>,
+    fp: Fingerprint,
+    /// Names this owner in the lease, so a lapsed owner cannot release a successor's.
+    token: [u8; 16],
+    first_seen: SystemTime,
+    /// How long the answer is kept: the window left since the first sighting.
+    keep_for: Duration,
+    settled: bool,
+}
+
+impl Ticket for RedisTicket {
+    fn settle(
+        mut self: Box<Self>,
+        answer: Arc<Answer>,
+        keep: bool,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(async move {
+            let record = record::encode(self.first_seen, &answer);
+            let ttl = if keep { millis(self.keep_for) } else { 0 };
+            let mut conn = self.shared.conn.clone();
+            let mut invocation = self.shared.settle.prepare_invoke();
+            invocation
+                .key(key(b'a', &self.fp))
+                .key(key(b'l', &self.fp))
+                .arg(&self.token[..])
+                .arg(record)
+                .arg(ttl)
+                .arg(CHANNEL)
+                .arg(&self.fp.0[..]);
+            let stored = self
+                .shared
+                .call(invocation.invoke_async::<i64>(&mut conn))
+                .await;
+            self.settled = true;
+            // Waiters here get it at once, whatever became of the publish.
+            self.shared.waiters.deliver(&self.fp, Some(answer));
+            stored.map(drop)
+        })
+    }
+}
+
+impl Drop for RedisTicket {
+    fn drop(&mut self) {
+        self.shared.claims.fetch_sub(1, Ordering::Relaxed);
+        if self.settled {
+            return;
+        }
+        // Unsettled: let go of the lease, so waiters anywhere claim at once instead
+        // of waiting for it to lapse.
+        self.shared.waiters.deliver(&self.fp, None);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let fp = self.fp;
+        let token = self.token;
+        runtime.spawn(async move {
+            let mut conn = shared.conn.clone();
+            let mut invocation = shared.delete_if_held.prepare_invoke();
+            invocation
+                .key(key(b'l', &fp))
+                .arg(&token[..])
+                .arg(CHANNEL)
+                .arg(&fp.0[..]);
+            let _ = shared.call(invocation.invoke_async::<i64>(&mut conn)).await;
+        });
+    }
+}
