@@ -17,7 +17,8 @@ use crate::edge::{Edge, Limits};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::store::memory::MemoryStore;
-use crate::store::Store;
+use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::{Store, StoreError};
 use crate::upstream::{Client, UpstreamError};
 
 /// Bounds the intercept leaf cache: one entry per intercepted host name.
@@ -29,6 +30,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error("intercept CA: {0}")]
     Ca(#[from] CaError),
+    #[error("answer store: {0}")]
+    Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -45,8 +48,18 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config) -> Result<Arc<App>, StartError> {
-        let store: Box<dyn Store> = match config.store {
+        let store: Box<dyn Store> = match &config.store {
             StoreKind::Memory => Box::new(MemoryStore::new(config.store_max_bytes)),
+            StoreKind::Redis(target) => Box::new(RedisStore::new(RedisOptions {
+                tls: target.tls,
+                host: target.host.clone(),
+                port: target.port,
+                db: target.db,
+                username: target.username.clone(),
+                password: target.password.as_ref().map(|p| p.expose().to_owned()),
+                ca: config.store_ca.clone(),
+                timeout: config.store_timeout,
+            })?),
         };
         let upstream = Client::new(
             config.upstream.clone(),
