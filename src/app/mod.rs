@@ -142,8 +142,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let edge = app.edge.clone();
-    let proxy = tokio::spawn(crate::edge::listener::serve(edge.clone(), listener));
     let admin = tokio::spawn(crate::edge::admin::serve(edge.clone(), admin));
+    // A shared store connects in the background; the first sends wait for that (in
+    // the listen backlog, within the store's connect bound) so they find it as it is.
+    app.pipeline.store.ready().await;
+    let proxy = tokio::spawn(crate::edge::listener::serve(edge.clone(), listener));
     tokio::select! {
         _ = shutdown => {}
         _ = edge.shutdown.cancelled() => {}

@@ -105,6 +105,13 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(std::future::ready(()))
     }
 
+    /// Resolves once the store has been tried: a shared store has connected, or
+    /// found its server down, within its own bounds. The proxy serves after this, so
+    /// its first sends find the store as it is. The embedded store is ready at once.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// One line for `/readyz`: which store, and whether it is serving. The proxy is
     /// ready either way: without its store it still sends, keyed.
     fn describe(&self) -> String;

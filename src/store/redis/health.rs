@@ -1,26 +1,40 @@
-//! Whether Redis is serving, as this process sees it: up until a call fails or times
-//! out, then down (sends skip Redis at once) until a probe succeeds. One log line per
-//! change of state, never one per request.
+//! Whether Redis is serving, as this process sees it: connecting until the first
+//! probe, then up until a call fails or times out, then down (sends skip Redis at
+//! once) until a probe succeeds. One log line per change of state, never one per
+//! request.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 pub(super) struct Health {
     up: AtomicBool,
     /// Since when, and why, while down.
     outage: Mutex<Option<(Instant, String)>>,
+    /// Set once the first probe has settled the state either way.
+    tried: watch::Sender<bool>,
     /// Where the store is, for the log lines (no credential in it).
     location: String,
 }
 
 impl Health {
+    /// Not up until the first probe says so: sends skip the store meanwhile.
     pub(super) fn new(location: String) -> Self {
         Health {
-            up: AtomicBool::new(true),
-            outage: Mutex::new(None),
+            up: AtomicBool::new(false),
+            outage: Mutex::new(Some((Instant::now(), "connecting".to_owned()))),
+            tried: watch::Sender::new(false),
             location,
         }
+    }
+
+    /// Resolves once the first probe has found the store up or down.
+    pub(super) async fn tried(&self) {
+        let mut tried = self.tried.subscribe();
+        // The sender lives in self.
+        let _ = tried.wait_for(|t| *t).await;
     }
 
     pub(super) fn is_up(&self) -> bool {
@@ -28,7 +42,8 @@ impl Health {
     }
 
     pub(super) fn down(&self, reason: &str) {
-        if self.up.swap(false, Ordering::AcqRel) {
+        let first = !*self.tried.borrow();
+        if self.up.swap(false, Ordering::AcqRel) || first {
             *self.outage() = Some((Instant::now(), reason.to_owned()));
             tracing::warn!(
                 store = %self.location,
@@ -36,17 +51,24 @@ impl Health {
                 "answer store unavailable: sending without it, under derived keys (LINE still refuses duplicates)"
             );
         }
+        self.tried.send_replace(true);
     }
 
     pub(super) fn up(&self) {
+        let first = !*self.tried.borrow();
         if !self.up.swap(true, Ordering::AcqRel) {
             let since = self.outage().take().map(|(at, _)| at.elapsed());
-            tracing::info!(
-                store = %self.location,
-                down_for = ?since.map(|d| Duration::from_millis(d.as_millis() as u64)),
-                "answer store available again"
-            );
+            if first {
+                tracing::info!(store = %self.location, "answer store connected");
+            } else {
+                tracing::info!(
+                    store = %self.location,
+                    down_for = ?since.map(|d| Duration::from_millis(d.as_millis() as u64)),
+                    "answer store available again"
+                );
+            }
         }
+        self.tried.send_replace(true);
     }
 
     /// Why sends go without the store now, for their error.
@@ -83,6 +105,9 @@ mod tests {
     #[test]
     fn changes_state_once_per_transition() {
         let h = Health::new("redis://127.0.0.1:6379/0".into());
+        assert!(!h.is_up(), "not before the first probe");
+        assert!(h.describe().contains("connecting"), "{}", h.describe());
+        h.up();
         assert!(h.is_up());
         assert!(h.describe().ends_with(" up"));
         h.down("connection refused");

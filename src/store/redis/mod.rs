@@ -17,7 +17,8 @@
 //!
 //! Every call is bounded by `store-timeout`. The first failure marks the store down,
 //! and from then on sends skip it at once (still under derived keys, so LINE refuses
-//! duplicates) until a probe finds it serving again.
+//! duplicates) until a probe finds it serving again. The store connects in the
+//! background; [`Store::ready`] resolves once the first probe has found it up or down.
 
 mod health;
 mod record;
@@ -426,25 +427,25 @@ impl Store for RedisStore {
         Box::pin(self.shared.refresh())
     }
 
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        // The probe gives up within its own bounds; this one only guards against a bug.
+        let bound = CONNECT_TIMEOUT + self.shared.timeout + Duration::from_secs(1);
+        Box::pin(async move {
+            let _ = tokio::time::timeout(bound, self.shared.health.tried()).await;
+        })
+    }
+
     fn describe(&self) -> String {
         self.shared.health.describe()
     }
 }
 
-/// Confirms the store serves, by a write (so a full or read-only Redis counts as
-/// down too): often while down, now and then while up.
+/// Confirms the store serves: often while down, now and then while up.
 async fn probe(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let mut conn = shared.conn.clone();
-        let mut set = ::redis::cmd("SET");
-        set.arg(PROBE_KEY).arg(1).arg("PX").arg(10_000);
-        let probed = tokio::time::timeout(shared.timeout, set.query_async::<()>(&mut conn)).await;
-        match probed {
-            Ok(Ok(())) => shared.health.up(),
-            Ok(Err(err)) => shared.health.down(&shared.scrub(err.to_string())),
-            Err(_) => shared
-                .health
-                .down(&format!("no answer within {:?}", shared.timeout)),
+        match shared.try_write().await {
+            Ok(()) => shared.health.up(),
+            Err(reason) => shared.health.down(&reason),
         }
         let pause = if shared.health.is_up() {
             PROBE_WHILE_UP
@@ -455,6 +456,37 @@ async fn probe(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+impl Shared {
+    /// A PING, bounded by the connect timeout since it may have to connect (TLS,
+    /// AUTH: slower than a send may wait, but off the request path); then a write,
+    /// bounded like any send's call, so a full or read-only Redis counts as down too,
+    /// and one slower than the store timeout does not flap up and down.
+    async fn try_write(&self) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        let fail = |err: ::redis::RedisError| self.scrub(err.to_string());
+        let ping = ::redis::cmd("PING");
+        tokio::time::timeout(CONNECT_TIMEOUT, ping.query_async::<()>(&mut conn))
+            .await
+            .map_err(|_| format!("could not connect within {CONNECT_TIMEOUT:?}"))?
+            .map_err(fail)?;
+        // Written and deleted at once (MULTI): nothing is left to count or expire.
+        let mut write = ::redis::pipe();
+        write
+            .atomic()
+            .cmd("SET")
+            .arg(PROBE_KEY)
+            .arg(1)
+            .ignore()
+            .cmd("DEL")
+            .arg(PROBE_KEY)
+            .ignore();
+        tokio::time::timeout(self.timeout, write.query_async::<()>(&mut conn))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.timeout))?
+            .map_err(fail)
     }
 }
 
