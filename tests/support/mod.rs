@@ -2,5 +2,7 @@
 
 pub mod mock_line;
 pub mod pki;
+pub mod process;
 pub mod proxy;
+pub mod redis;
 pub mod tunnel;

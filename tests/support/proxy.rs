@@ -66,6 +66,10 @@ impl Proxy {
             "--request-deadline=20s".into(),
             "--shutdown-grace=10s".into(),
         ];
+        // LINE_RETRY_PROXY_TEST_STORE=redis: the same suite on the shared store.
+        if let Some(store) = super::redis::suite_store().await {
+            argv.push(format!("--store={store}"));
+        }
         argv.extend(extra.iter().map(|s| s.to_string()));
         let args = Args::try_parse_from(&argv).expect("test arguments parse");
         let config = Config::load(&args.serve).expect("test config is valid");
