@@ -384,10 +384,38 @@ async fn rediss_is_verified_against_the_store_ca() {
 #[tokio::test]
 async fn the_redis_password_never_appears_in_logs_or_check_config() {
     redis_or_skip!("the_redis_password_never_appears_in_logs_or_check_config");
-    let redis =
-        RedisServer::start_with(&["--save", "", "--requirepass", "correct-horse-7731"]).await;
+    // A user with exactly the rights the README lists, and nothing else.
+    let redis = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--requirepass",
+        "the-admins-own-1",
+        "--user",
+        "lrp",
+        "on",
+        ">correct-horse-7731",
+        "~lrp:*",
+        "&lrp:settled",
+        "-@all",
+        "+get",
+        "+set",
+        "+del",
+        "+mget",
+        "+publish",
+        "+subscribe",
+        "+ping",
+        "+multi",
+        "+exec",
+        "+evalsha",
+        "+eval",
+        "+script|load",
+        "+dbsize",
+        "+info",
+        "+select",
+    ])
+    .await;
     let mock = MockLine::start().await;
-    let right = format!("redis://:correct-horse-7731@127.0.0.1:{}/0", redis.port);
+    let right = format!("redis://lrp:correct-horse-7731@127.0.0.1:{}/1", redis.port);
     let wrong = format!("redis://proxy:hunter2-7731@127.0.0.1:{}/0", redis.port);
 
     let mut good = Process::start(
@@ -399,6 +427,17 @@ async fn the_redis_password_never_appears_in_logs_or_check_config() {
     let body = push_body("authenticated");
     assert_eq!(good.push(&body).await.outcome(), "fresh");
     assert_eq!(good.push(&body).await.outcome(), "replayed", "AUTH worked");
+    let metrics = good.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("\nline_retry_proxy_store_up 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nline_retry_proxy_store_entries 1\n"),
+        "DBSIZE on database 1 allowed: {metrics}"
+    );
+    assert_eq!(good.count_log("no pub/sub"), 0, "SUBSCRIBE allowed");
+    assert_eq!(good.count_log("answer store unavailable"), 0);
 
     let mut bad = Process::start(
         &mock,
@@ -420,6 +459,10 @@ async fn the_redis_password_never_appears_in_logs_or_check_config() {
     assert!(
         logs.contains("redis://127.0.0.1:"),
         "the store is named: {logs}"
+    );
+    assert!(
+        logs.contains("Password authentication failed"),
+        "the refusal is logged: {logs}"
     );
     for secret in ["correct-horse-7731", "hunter2-7731"] {
         assert!(!logs.contains(secret), "{secret} in the log:\n{logs}");

@@ -505,7 +505,21 @@ async fn listen(shared: Arc<Shared>, client: Client, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             connected = tokio::time::timeout(CONNECT_TIMEOUT, connect) => connected,
         };
-        if let Ok(Ok(pubsub)) = connected {
+        let pubsub = match connected {
+            Ok(Ok(pubsub)) => Some(pubsub),
+            Ok(Err(err)) => {
+                let error = shared.scrub(err.to_string());
+                tracing::debug!(error, "answer store: no pub/sub; waiters poll meanwhile");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "answer store: no pub/sub within {CONNECT_TIMEOUT:?}; waiters poll meanwhile"
+                );
+                None
+            }
+        };
+        if let Some(pubsub) = pubsub {
             backoff = Duration::from_millis(100);
             shared.waiters.wake_all();
             let mut messages = pubsub.into_on_message();
