@@ -74,6 +74,49 @@ def check_compose(known):
         check(benv.get(var) == bundle, f"compose: bot {var} must be {bundle}")
 
 
+def check_replicas(known):
+    """The two-replica file: every replica shares one Redis and one CA, made once."""
+    path = ROOT / "examples/compose/replicas.yml"
+    doc = yaml.safe_load(path.read_text())
+    services = doc["services"]
+    proxy, bot, ca, redis = (services[n] for n in ("proxy", "bot", "ca", "redis"))
+    penv, benv, caenv = env_of(proxy), env_of(bot), env_of(ca)
+    check_env_names("replicas proxy", penv, known)
+    check_env_names("replicas ca", caenv, known)
+    check(proxy.get("deploy", {}).get("replicas", 1) >= 2, "replicas: the proxy must run at least two replicas")
+
+    store = penv.get("LINE_RETRY_PROXY_STORE", "")
+    m = re.match(r"rediss?://(?:[^@/]*@)?([^:/]+)(?::(\d+))?(?:/(\d+))?$", store)
+    check(m is not None, f"replicas: LINE_RETRY_PROXY_STORE is not a redis URL: {store}")
+    if m:
+        check(m.group(1) == "redis", "replicas: the store must be the redis service")
+    check("redis-server" in redis["command"], "replicas: the redis service must run redis-server")
+    check("redis" in proxy.get("depends_on", {}), "replicas: the proxy must wait for redis")
+    check("${REDIS_PASSWORD" in store and any("REDIS_PASSWORD" in str(a) for a in redis["command"]),
+          "replicas: the store URL and redis-server must share REDIS_PASSWORD")
+
+    listen = penv.get("LINE_RETRY_PROXY_LISTEN", "")
+    check(listen.startswith("0.0.0.0:"), "replicas: the proxy must listen on 0.0.0.0 explicitly")
+    check(benv.get("HTTPS_PROXY") == f"http://proxy:{port_of(listen)}", "replicas: bot HTTPS_PROXY must point at proxy:<listen port>")
+    check("healthcheck" in proxy["healthcheck"]["test"], "replicas: healthcheck must use the healthcheck subcommand")
+    check((path.parent / ca["build"] / "Dockerfile").resolve().is_file(), "replicas: build context has no Dockerfile")
+
+    ca_dir = penv["LINE_RETRY_PROXY_CA_DIR"]
+    check(ca.get("command") == ["ca"] and caenv.get("LINE_RETRY_PROXY_CA_DIR") == ca_dir,
+          "replicas: the ca service must create the CA in the replicas' CA dir")
+    check(proxy.get("depends_on", {}).get("ca", {}).get("condition") == "service_completed_successfully",
+          "replicas: the replicas must start after the CA exists")
+    pmounts = {v.split(":")[1]: v.split(":")[0] for v in proxy["volumes"]}
+    cmounts = {v.split(":")[1]: v.split(":")[0] for v in ca["volumes"]}
+    volume = pmounts.get(ca_dir)
+    check(volume is not None and cmounts.get(ca_dir) == volume, "replicas: ca and proxy must share the CA volume")
+    check(volume in (doc.get("volumes") or {}), "replicas: the CA volume is not declared")
+    bmounts = {v.split(":")[0]: v.split(":")[1] for v in bot["volumes"]}
+    bundle = f"{bmounts.get(volume)}/ca.pem"
+    for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS"):
+        check(benv.get(var) == bundle, f"replicas: bot {var} must be {bundle}")
+
+
 def check_pod(known):
     doc = yaml.safe_load((ROOT / "examples/kubernetes/pod.yaml").read_text())
     check(doc["kind"] == "Pod", "pod: kind must be Pod")
@@ -115,11 +158,12 @@ def main():
     known = known_env_names(binary)
     check("LINE_RETRY_PROXY_LISTEN" in known, "binary --help does not list its env names")
     check_compose(known)
+    check_replicas(known)
     check_pod(known)
     check_dockerfile()
     for f in failures:
         print(f"FAIL {f}")
-    checks = "compose, pod, Dockerfile"
+    checks = "compose, replicas, pod, Dockerfile"
     if failures:
         print(f"examples: {len(failures)} problem(s)")
         sys.exit(1)
