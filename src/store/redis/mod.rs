@@ -277,13 +277,22 @@ impl Shared {
         if !self.health.is_up() {
             return Err(StoreError::Unavailable(self.health.reason()));
         }
-        let reason = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(err)) => self.scrub(err.to_string()),
-            Err(_) => format!("no answer within {:?}", self.timeout),
-        };
-        self.health.down(&reason);
-        Err(StoreError::Unavailable(reason))
+        self.bounded(call).await.map_err(|reason| {
+            self.health.down(&reason);
+            StoreError::Unavailable(reason)
+        })
+    }
+
+    /// A call bounded by the store timeout, its failure as text without the password.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(self.scrub(err.to_string())),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
     }
 
     fn scrub(&self, text: String) -> String {
@@ -388,13 +397,18 @@ impl Shared {
         }
     }
 
-    /// `DBSIZE` and the server's used memory, for the metrics.
+    /// `DBSIZE` and the server's used memory, for the metrics. Monitoring only: a
+    /// failure here keeps the last figures and leaves the state to the sends and the
+    /// probe.
     async fn refresh(&self) {
+        if !self.health.is_up() {
+            return;
+        }
         let mut conn = self.conn.clone();
         let mut pipe = ::redis::pipe();
         pipe.cmd("DBSIZE").cmd("INFO").arg("memory");
         if let Ok((keys, info)) = self
-            .call(pipe.query_async::<(u64, String)>(&mut conn))
+            .bounded(pipe.query_async::<(u64, String)>(&mut conn))
             .await
         {
             self.entries.store(keys, Ordering::Relaxed);
@@ -483,10 +497,7 @@ impl Shared {
             .cmd("DEL")
             .arg(PROBE_KEY)
             .ignore();
-        tokio::time::timeout(self.timeout, write.query_async::<()>(&mut conn))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.timeout))?
-            .map_err(fail)
+        self.bounded(write.query_async::<()>(&mut conn)).await
     }
 }
 
