@@ -57,7 +57,7 @@ async fn two_replicas_send_a_push_once_and_answer_both_alike() {
     let redis = RedisServer::start().await;
     let mock = MockLine::start().await;
     // LINE takes its time, so the second copy surely arrives while the first is out.
-    mock.script([Fault::Delay(Duration::from_millis(300))]);
+    mock.script([Fault::Delay(Duration::from_secs(1))]);
     let store = format!("--store={}", redis.url(0));
     let a = Process::start(&mock, &[&store], &[]).await;
     let b = Process::start(&mock, &[&store], &[]).await;

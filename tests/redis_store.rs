@@ -20,6 +20,8 @@ const DAY: Duration = LINE_KEY_LIFETIME;
 const TIMEOUT: Duration = Duration::from_millis(50);
 /// Bounds every wait for something that should happen at once.
 const SOON: Duration = Duration::from_secs(5);
+/// What a loaded test machine may add to a timed wait before the test sees it end.
+const SCHEDULING: Duration = Duration::from_millis(150);
 
 fn options(server: &RedisServer, db: i64) -> RedisOptions {
     RedisOptions {
@@ -369,7 +371,7 @@ async fn down_then_back_without_waiting_longer_than_the_timeout() {
     let failed = store.claim(request(2, DAY, SystemTime::now())).await;
     assert!(matches!(failed, Err(StoreError::Unavailable(_))));
     assert!(
-        started.elapsed() < TIMEOUT + Duration::from_millis(30),
+        started.elapsed() < TIMEOUT + SCHEDULING,
         "waited {:?} on a dead Redis",
         started.elapsed()
     );
@@ -381,8 +383,8 @@ async fn down_then_back_without_waiting_longer_than_the_timeout() {
         .await
         .is_err());
     assert!(
-        started.elapsed() < Duration::from_millis(5),
-        "while down, sends skip Redis at once: {:?}",
+        started.elapsed() < TIMEOUT,
+        "while down, sends skip Redis at once, without even a timeout: {:?}",
         started.elapsed()
     );
 
@@ -413,9 +415,10 @@ async fn a_slow_redis_costs_a_send_at_most_the_timeout() {
         .await
         .is_err());
     let waited = started.elapsed();
+    // Paused for a second: anything under that but the timeout is the timeout's doing.
     assert!(
-        waited < TIMEOUT + Duration::from_millis(30),
-        "waited {waited:?} on a paused Redis"
+        waited < TIMEOUT + SCHEDULING,
+        "waited {waited:?} on a Redis paused for 1 s"
     );
     let deadline = Instant::now() + SOON;
     while !store.stats().up {
