@@ -20,8 +20,11 @@
 //! duplicates) until a probe finds it serving again. The store connects in the
 //! background; [`Store::ready`] resolves once the first probe has found it up or down.
 
+mod background;
 mod health;
 mod record;
+mod scripts;
+mod ticket;
 mod waiters;
 
 use std::fmt;
@@ -29,85 +32,26 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
-use futures_util::StreamExt;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Claim, ClaimRequest, Store, StoreError, Ticket};
+use super::{Claim, ClaimRequest, Store, StoreError};
 use crate::body::BoxFuture;
 use crate::domain::{Answer, Fingerprint, StoreStats, LINE_KEY_LIFETIME};
 use health::Health;
+use ticket::RedisTicket;
 use waiters::{Waiter, Waiters};
 
 /// A waiter looks at Redis this often when no message comes: the bound on what a lost
 /// pub/sub message costs, and the load of a waiter (one `MGET`).
 const POLL: Duration = Duration::from_millis(200);
-/// While up, a probe confirms it now and then, so `/readyz` is true without traffic.
-const PROBE_WHILE_UP: Duration = Duration::from_secs(5);
-/// While down, how soon the store is tried again.
-const PROBE_WHILE_DOWN: Duration = Duration::from_millis(500);
 /// Connecting (TCP, TLS, AUTH) happens off the request path, with its own bound.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The channel every settled answer is published on: the fingerprint, then the record.
 const CHANNEL: &str = "lrp:settled";
-const PROBE_KEY: &str = "lrp:probe";
-
-/// Answer, lease, sighting: checked, taken, read or recorded in one step.
-/// Returns {1, record} to replay, {2, ''} to wait, {3, first seen} to own the send.
-const CLAIM: &str = r"
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local function inside(seen)
-  return seen ~= nil and math.max(now - seen, 0) < window
-end
-local kept = redis.call('GET', KEYS[1])
-if kept then
-  if inside(tonumber(string.match(kept, '^(%d+):'))) then
-    return {1, kept}
-  end
-  -- kept under a longer window than the one in force, or unreadable
-  redis.call('DEL', KEYS[1])
-end
-if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[3]) then
-  return {2, ''}
-end
-local first = ARGV[1]
-if ARGV[5] == '1' then
-  local seen = redis.call('GET', KEYS[3])
-  if seen and inside(tonumber(seen)) then
-    first = seen
-  else
-    redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-  end
-end
-return {3, first}
-";
-
-/// Keep (when a lifetime is given), release the lease if still ours, tell every waiter.
-const SETTLE: &str = r"
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-end
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-end
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. ARGV[2])
-return 1
-";
-
-/// Deletes a key only if it still holds the value given; publishes when asked to.
-const DELETE_IF_HELD: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if ARGV[2] ~= '' then
-    redis.call('PUBLISH', ARGV[2], ARGV[3])
-  end
-end
-return 1
-";
 
 /// Where the store is and how long a send may wait on it.
 #[derive(Clone)]
@@ -194,17 +138,17 @@ impl RedisStore {
             timeout: options.timeout,
             health: Health::new(location.clone()),
             waiters: Arc::default(),
-            claim: Script::new(CLAIM),
-            settle: Script::new(SETTLE),
-            delete_if_held: Script::new(DELETE_IF_HELD),
+            claim: Script::new(scripts::CLAIM),
+            settle: Script::new(scripts::SETTLE),
+            delete_if_held: Script::new(scripts::DELETE_IF_HELD),
             claims: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             password: options.password.filter(|p| !p.is_empty()),
         });
         let stop = CancellationToken::new();
-        runtime.spawn(probe(shared.clone(), stop.clone()));
-        runtime.spawn(listen(shared.clone(), client, stop.clone()));
+        runtime.spawn(background::probe(shared.clone(), stop.clone()));
+        runtime.spawn(background::listen(shared.clone(), client, stop.clone()));
         tracing::info!(store = %location, timeout = ?options.timeout, "answer store: redis");
         Ok(RedisStore {
             shared,
@@ -334,16 +278,14 @@ impl Shared {
                     .ok()
                     .and_then(|ms| ms.parse().ok())
                     .map_or(req.now, record::from_millis);
-                self.claims.fetch_add(1, Ordering::Relaxed);
                 Ok(Claim::Owner {
-                    ticket: Box::new(RedisTicket {
-                        shared: self.clone(),
-                        fp: req.fp,
+                    ticket: Box::new(RedisTicket::new(
+                        self.clone(),
+                        req.fp,
                         token,
                         first_seen,
-                        keep_for: req.window_left(first_seen),
-                        settled: false,
-                    }),
+                        req.window_left(first_seen),
+                    )),
                     first_seen,
                 })
             }
@@ -451,180 +393,5 @@ impl Store for RedisStore {
 
     fn describe(&self) -> String {
         self.shared.health.describe()
-    }
-}
-
-/// Confirms the store serves: often while down, now and then while up.
-async fn probe(shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        match shared.try_write().await {
-            Ok(()) => shared.health.up(),
-            Err(reason) => shared.health.down(&reason),
-        }
-        let pause = if shared.health.is_up() {
-            PROBE_WHILE_UP
-        } else {
-            PROBE_WHILE_DOWN
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-    }
-}
-
-impl Shared {
-    /// A PING, bounded by the connect timeout since it may have to connect (TLS,
-    /// AUTH: slower than a send may wait, but off the request path); then a write,
-    /// bounded like any send's call, so a full or read-only Redis counts as down too,
-    /// and one slower than the store timeout does not flap up and down.
-    async fn try_write(&self) -> Result<(), String> {
-        let mut conn = self.conn.clone();
-        let fail = |err: ::redis::RedisError| self.scrub(err.to_string());
-        let ping = ::redis::cmd("PING");
-        tokio::time::timeout(CONNECT_TIMEOUT, ping.query_async::<()>(&mut conn))
-            .await
-            .map_err(|_| format!("could not connect within {CONNECT_TIMEOUT:?}"))?
-            .map_err(fail)?;
-        // Written and deleted at once (MULTI): nothing is left to count or expire.
-        let mut write = ::redis::pipe();
-        write
-            .atomic()
-            .cmd("SET")
-            .arg(PROBE_KEY)
-            .arg(1)
-            .ignore()
-            .cmd("DEL")
-            .arg(PROBE_KEY)
-            .ignore();
-        self.bounded(write.query_async::<()>(&mut conn)).await
-    }
-}
-
-/// The process's one pub/sub connection: hands every settled answer to the waiters
-/// of its fingerprint. Reconnects by itself; after each (re)connect every waiter looks
-/// again, since what was published meanwhile is lost.
-async fn listen(shared: Arc<Shared>, client: Client, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let connect = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(CHANNEL).await?;
-            Ok::<_, ::redis::RedisError>(pubsub)
-        };
-        let connected = tokio::select! {
-            _ = stop.cancelled() => return,
-            connected = tokio::time::timeout(CONNECT_TIMEOUT, connect) => connected,
-        };
-        let pubsub = match connected {
-            Ok(Ok(pubsub)) => Some(pubsub),
-            Ok(Err(err)) => {
-                let error = shared.scrub(err.to_string());
-                tracing::debug!(error, "answer store: no pub/sub; waiters poll meanwhile");
-                None
-            }
-            Err(_) => {
-                tracing::debug!(
-                    "answer store: no pub/sub within {CONNECT_TIMEOUT:?}; waiters poll meanwhile"
-                );
-                None
-            }
-        };
-        if let Some(pubsub) = pubsub {
-            backoff = Duration::from_millis(100);
-            shared.waiters.wake_all();
-            let mut messages = pubsub.into_on_message();
-            loop {
-                let message = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    message = messages.next() => message,
-                };
-                let Some(message) = message else { break };
-                let payload = message.get_payload_bytes();
-                if payload.len() < 32 {
-                    continue;
-                }
-                let (fp, rest) = payload.split_at(32);
-                let mut bytes = [0u8; 32];
-                bytes.copy_from_slice(fp);
-                let answer = record::decode(rest).map(|(_, answer)| Arc::new(answer));
-                shared.waiters.deliver(&Fingerprint(bytes), answer);
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-struct RedisTicket {
-    shared: Arc<Shared>,
-    fp: Fingerprint,
-    /// Names this owner in the lease, so a lapsed owner cannot release a successor's.
-    token: [u8; 16],
-    first_seen: SystemTime,
-    /// How long the answer is kept: the window left since the first sighting.
-    keep_for: Duration,
-    settled: bool,
-}
-
-impl Ticket for RedisTicket {
-    fn settle(
-        mut self: Box<Self>,
-        answer: Arc<Answer>,
-        keep: bool,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        Box::pin(async move {
-            let record = record::encode(self.first_seen, &answer);
-            let ttl = if keep { millis(self.keep_for) } else { 0 };
-            let mut conn = self.shared.conn.clone();
-            let mut invocation = self.shared.settle.prepare_invoke();
-            invocation
-                .key(key(b'a', &self.fp))
-                .key(key(b'l', &self.fp))
-                .arg(&self.token[..])
-                .arg(record)
-                .arg(ttl)
-                .arg(CHANNEL)
-                .arg(&self.fp.0[..]);
-            let stored = self
-                .shared
-                .call(invocation.invoke_async::<i64>(&mut conn))
-                .await;
-            self.settled = true;
-            // Waiters here get it at once, whatever became of the publish.
-            self.shared.waiters.deliver(&self.fp, Some(answer));
-            stored.map(drop)
-        })
-    }
-}
-
-impl Drop for RedisTicket {
-    fn drop(&mut self) {
-        self.shared.claims.fetch_sub(1, Ordering::Relaxed);
-        if self.settled {
-            return;
-        }
-        // Unsettled: let go of the lease, so waiters anywhere claim at once instead
-        // of waiting for it to lapse.
-        self.shared.waiters.deliver(&self.fp, None);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let shared = self.shared.clone();
-        let fp = self.fp;
-        let token = self.token;
-        runtime.spawn(async move {
-            let mut conn = shared.conn.clone();
-            let mut invocation = shared.delete_if_held.prepare_invoke();
-            invocation
-                .key(key(b'l', &fp))
-                .arg(&token[..])
-                .arg(CHANNEL)
-                .arg(&fp.0[..]);
-            let _ = shared.call(invocation.invoke_async::<i64>(&mut conn)).await;
-        });
     }
 }
