@@ -35,8 +35,18 @@ impl Waiters {
     }
 
     pub(super) fn deliver(&self, fp: &Fingerprint, answer: Option<Arc<Answer>>) {
+        self.deliver_with(fp, || answer);
+    }
+
+    /// Delivers what `answer` makes, made only if someone here waits on `fp`: every
+    /// replica hears every settle, and most are of no concern to it.
+    pub(super) fn deliver_with(
+        &self,
+        fp: &Fingerprint,
+        answer: impl FnOnce() -> Option<Arc<Answer>>,
+    ) {
         if let Some((slot, _)) = self.lock().get(fp) {
-            match answer {
+            match answer() {
                 Some(answer) => {
                     slot.send_replace(Some(answer));
                 }
