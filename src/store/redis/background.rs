@@ -25,14 +25,17 @@ pub(super) async fn probe(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(()) => shared.health.up(),
             Err(reason) => shared.health.down(&reason),
         }
-        let pause = if shared.health.is_up() {
-            PROBE_WHILE_UP
-        } else {
-            PROBE_WHILE_DOWN
-        };
+        if shared.health.is_up() {
+            // Until the next routine look, or until a send finds the store down.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_WHILE_UP) => continue,
+                _ = shared.health.went_down() => {}
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(PROBE_WHILE_DOWN) => {}
         }
     }
 }
@@ -111,8 +114,9 @@ pub(super) async fn listen(shared: Arc<Shared>, client: Client, stop: Cancellati
                 let (fp, rest) = payload.split_at(32);
                 let mut bytes = [0u8; 32];
                 bytes.copy_from_slice(fp);
-                let answer = record::decode(rest).map(|(_, answer)| Arc::new(answer));
-                shared.waiters.deliver(&Fingerprint(bytes), answer);
+                shared.waiters.deliver_with(&Fingerprint(bytes), || {
+                    record::decode(rest).map(|(_, answer)| Arc::new(answer))
+                });
             }
         }
         tokio::select! {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 pub(super) struct Health {
     up: AtomicBool,
@@ -15,6 +15,9 @@ pub(super) struct Health {
     outage: Mutex<Option<(Instant, String)>>,
     /// Set once the first probe has settled the state either way.
     tried: watch::Sender<bool>,
+    /// Wakes the probe when a send finds the store down, so recovery is not left
+    /// to the probe's slow pace while up.
+    went_down: Notify,
     /// Where the store is, for the log lines (no credential in it).
     location: String,
 }
@@ -26,8 +29,14 @@ impl Health {
             up: AtomicBool::new(false),
             outage: Mutex::new(Some((Instant::now(), "connecting".to_owned()))),
             tried: watch::Sender::new(false),
+            went_down: Notify::new(),
             location,
         }
+    }
+
+    /// Resolves when the store has gone down since the last call.
+    pub(super) async fn went_down(&self) {
+        self.went_down.notified().await;
     }
 
     /// Resolves once the first probe has found the store up or down.
@@ -45,6 +54,7 @@ impl Health {
         let first = !*self.tried.borrow();
         if self.up.swap(false, Ordering::AcqRel) || first {
             *self.outage() = Some((Instant::now(), reason.to_owned()));
+            self.went_down.notify_one();
             tracing::warn!(
                 store = %self.location,
                 reason,
