@@ -88,6 +88,31 @@ def compose_mounts(name, service):
     return out
 
 
+def check_compose_prometheus(path, services, admin_port):
+    """The monitoring profile: its files exist, sit side by side as prometheus.yml
+    expects, and it scrapes the proxy's admin port."""
+    prom = services.get("prometheus")
+    check(prom is not None, "compose: no prometheus service (profile monitoring)")
+    if prom is None:
+        return
+    mounts = dict(compose_mounts("prometheus", prom))
+    for source in mounts:
+        check((path.parent / source).is_file(), f"compose: prometheus mounts {source}, which does not exist")
+    config_source = next((s for s, t in mounts.items() if t == "/etc/prometheus/prometheus.yml"), None)
+    check(config_source is not None, "compose: prometheus must mount prometheus.yml at /etc/prometheus/prometheus.yml")
+    if config_source is None or not (path.parent / config_source).is_file():
+        return
+    config = yaml.safe_load((path.parent / config_source).read_text())
+    for rule_file in config.get("rule_files", []):
+        target = f"/etc/prometheus/{rule_file}"
+        source = next((s for s, t in mounts.items() if t == target), None)
+        check(source is not None, f"compose: prometheus.yml loads {rule_file}, not mounted at {target}")
+        check(source is None or (path.parent / source).resolve() == (path.parent / config_source).parent.resolve() / rule_file,
+              f"compose: {target} is not the {rule_file} beside prometheus.yml")
+    targets = [t for job in config.get("scrape_configs", []) for sc in job.get("static_configs", []) for t in sc["targets"]]
+    check(f"proxy:{admin_port}" in targets, f"compose: prometheus.yml must scrape proxy:{admin_port}")
+
+
 def check_compose(known, image):
     binary, image_ca_dir = image
     path = ROOT / "examples/compose/docker-compose.yml"
@@ -129,6 +154,7 @@ def check_compose(known, image):
           "compose: the bot must trust a bundle (system roots + proxy CA) made with `ca --bundle`")
     for var in TRUST_VARS:
         check(benv.get(var) == bundle, f"compose: bot {var} must be {bundle}")
+    check_compose_prometheus(path, services, admin_port)
     check("ca --bundle > bundle.pem" in path.read_text(),
           "compose: the header must show how bundle.pem is made (ca --bundle > bundle.pem)")
 
@@ -232,7 +258,7 @@ def main():
     check_pod(known, image)
     for f in failures:
         print(f"FAIL {f}")
-    checks = "compose, pod, Dockerfile runtime stage"
+    checks = "compose with its monitoring profile, pod, Dockerfile runtime stage"
     if failures:
         print(f"examples: {len(failures)} problem(s)")
         sys.exit(1)
