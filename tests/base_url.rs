@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::mock_line::{Fault, MockLine};
-use support::proxy::{post, push, push_body, send, Proxy, TOKEN};
+use support::proxy::{post, push, push_body, send, Proxy, ANSWER_LIMIT, TOKEN};
+use support::tunnel::read_to_close;
+use support::within;
 
 const PUSH: &str = "/v2/bot/message/push";
 
@@ -342,12 +344,16 @@ where
 #[tokio::test]
 async fn a_bot_that_gives_up_does_not_cancel_the_send() {
     let mock = MockLine::start().await;
-    mock.script([Fault::Delay(Duration::from_millis(300))]);
     let proxy = Proxy::start(&mock, &[]).await;
+    let hold = mock.hold();
     let body = push_body("patience");
-    let gave_up = tokio::time::timeout(Duration::from_millis(50), push(&proxy, &body)).await;
-    assert!(gave_up.is_err(), "the bot's own timeout fired first");
-    mock.wait_requests(1).await;
+    // The bot gives up once its push is held at LINE: the answer cannot have come.
+    let gave_up = tokio::select! {
+        _ = push(&proxy, &body) => false,
+        _ = mock.wait_held(1) => true,
+    };
+    assert!(gave_up, "the push was held at LINE before any answer");
+    hold.release();
     let resend = push(&proxy, &body).await;
     assert_eq!(resend.status, StatusCode::OK);
     assert!(
@@ -556,9 +562,12 @@ async fn shutdown_lets_a_request_and_its_retries_finish() {
     });
     mock.wait_requests(1).await;
     let stopped = proxy.begin_stop();
-    let reply = request.await.unwrap();
+    let reply = within(ANSWER_LIMIT, "the bot was answered", request)
+        .await
+        .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(stopped.await.unwrap(), "drained within the grace period");
+    let drained = within(ANSWER_LIMIT, "the proxy stopped", stopped).await;
+    assert!(drained.unwrap(), "drained within the grace period");
     assert_eq!(mock.delivered_count(), 1);
 }
 
@@ -574,7 +583,7 @@ async fn health_and_readiness() {
 
 #[tokio::test]
 async fn malformed_and_truncated_requests_never_reach_line() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &[]).await;
 
@@ -583,8 +592,7 @@ async fn malformed_and_truncated_requests_never_reach_line() {
         .write_all(b"\x00\x01NOT HTTP AT ALL\r\n\r\n")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    garbage.read_to_end(&mut answer).await.unwrap();
+    let answer = read_to_close(&mut garbage).await.unwrap();
     assert!(
         answer.starts_with(b"HTTP/1.1 400"),
         "{:?}",
@@ -597,8 +605,8 @@ async fn malformed_and_truncated_requests_never_reach_line() {
         .await
         .unwrap();
     truncated.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    let _ = truncated.read_to_end(&mut rest).await;
+    // Whatever the proxy says (a 400, or nothing), it must close.
+    let _ = read_to_close(&mut truncated).await;
 
     assert!(mock.requests().is_empty(), "nothing reached LINE");
     assert_eq!(
