@@ -634,11 +634,11 @@ async fn reset(state: &State, conn: &CancellationToken) -> Answer {
 fn respond(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
     let instrument = req.path.starts_with("/echo") || req.path.starts_with("/stream/");
     if !instrument
-        && !req
+        && req
             .authorization
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "))
-            .is_some_and(|token| !token.is_empty())
+            .is_none_or(str::is_empty)
     {
         let text = "Authentication failed. Confirm that the access token in the authorization header is valid.";
         return (message(StatusCode::UNAUTHORIZED, id, text), false);
