@@ -1,299 +1,27 @@
 #!/usr/bin/env python3
-"""The benchmark of bench/README.md (Python 3 standard library only).
+"""The throughput and memory benchmarks of bench/README.md (Python 3 standard library only).
 
     harness.py throughput [--smoke]   behind bench/run.sh
     harness.py memory [--smoke]       behind bench/memory.sh
-
-Everything listens on 127.0.0.1 on ports the kernel picks; every process started here is
-stopped and the temporary directory removed on exit, also on Ctrl-C or SIGTERM.
+    harness.py profile [--smoke]      behind bench/profile.sh (perfprofile.py)
 """
 
-import ctypes
-import grp
-import http.client
 import json
 import os
-import pwd
-import re
+import resource
 import shutil
 import signal
-import socket
-import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
-PROXY_BIN = os.environ.get("PROXY_BIN", os.path.join(ROOT, "target/release/line-retry-proxy"))
-LOAD_BIN = os.environ.get("LOAD_BIN", os.path.join(ROOT, "target/release/connect-load"))
-PUSH = "/v2/bot/message/push"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def env_int(name, default):
-    raw = os.environ.get(name, "")
-    try:
-        return int(raw.rstrip("s")) if raw else default
-    except ValueError:
-        sys.exit(f"{name}={raw!r}: expected a whole number")
-
-
-# ---------------------------------------------------------------- processes and cleanup
-
-_started = []  # every Popen of this run, stopped in reverse order on exit
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent():
-    # PR_SET_PDEATHSIG = 1: if this harness is killed outright, its servers get SIGTERM.
-    _libc.prctl(1, signal.SIGTERM)
-
-
-def start(argv, log_path, **kw):
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent, **kw)
-    _started.append(proc)
-    return proc
-
-
-def stop_all():
-    for proc in reversed(_started):
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in reversed(_started):
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    _started.clear()
-
-
-def on_signal(signum, _frame):
-    raise SystemExit(128 + signum)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what, timeout=15):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited with {proc.returncode} while starting")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
-
-
-# ---------------------------------------------------------------- /proc readings
-
-
-def proc_tree(pid):
-    """pid and its direct children (nginx: master and workers)."""
-    pids = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        pids.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return pids
-
-
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / TICK
-
-
-def status_kb(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss(pids):
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        except OSError:
-            pass
-
-
-def machine_ticks():
-    with open("/proc/stat") as f:
-        cpu = [int(x) for x in f.readline().split()[1:]]
-    return sum(cpu), cpu[3] + cpu[4]  # all, idle + iowait
-
-
-def machine_info():
-    model = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} CPUs, {model}, Linux {os.uname().release}"
-
-
-# ---------------------------------------------------------------- the servers
-
-
-def make_pki(d):
-    """A throwaway CA and a server certificate for api.line.me and 127.0.0.1."""
-    def ossl(*args):
-        subprocess.run(["openssl", *args], check=True, cwd=d,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench test CA")
-    ossl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=api.line.me")
-    with open(os.path.join(d, "server.ext"), "w") as f:
-        f.write("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:api.line.me,IP:127.0.0.1\n")
-    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-         "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
-
-
-def start_nginx(d, name, values):
-    with open(os.path.join(BENCH, "nginx", f"{name}.conf")) as f:
-        conf = f.read()
-    # As root, nginx would hand its workers to a user of the system's config: keep ours.
-    user = (f"user {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name};"
-            if os.geteuid() == 0 else "")
-    values = {"DIR": d, "USER": user, **values}
-    conf = re.sub(r"@([A-Z_]+)@", lambda m: str(values[m.group(1)]), conf)
-    path = os.path.join(d, f"{name}.conf")
-    with open(path, "w") as f:
-        f.write(conf)
-    proc = start(["nginx", "-e", os.path.join(d, f"{name}-error.log"), "-p", d, "-c", path,
-                  "-g", "daemon off;"], os.path.join(d, f"{name}-stdout.log"))
-    wait_port(values["PORT"], proc, f"nginx ({name})")
-    return proc
-
-
-class Proxy:
-    def __init__(self, d, upstream_port, store_max_bytes, tag="proxy"):
-        self.ca_dir = os.path.join(d, f"{tag}-ca")
-        self.log = os.path.join(d, f"{tag}.log")
-        self.proc = start([PROXY_BIN, "serve", "--listen", "127.0.0.1:0",
-                           "--admin-listen", "127.0.0.1:0",
-                           "--upstream", f"https://127.0.0.1:{upstream_port}",
-                           "--upstream-ca", os.path.join(d, "ca.pem"), "--ca-dir", self.ca_dir,
-                           "--store-max-bytes", str(store_max_bytes), "--log-format", "json"],
-                          self.log)
-        self.store_max_bytes = store_max_bytes
-        self.port, self.admin = self._ready()
-        self.ca_pem = os.path.join(self.ca_dir, "ca.pem")
-
-    def _ready(self, timeout=15):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                sys.exit(f"line-retry-proxy exited with {self.proc.returncode}; see {self.log}")
-            with open(self.log, errors="replace") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue
-                    fields = {**rec, **rec.get("fields", {})}
-                    if fields.get("message") == "line-retry-proxy ready":
-                        port = int(fields["listen"].rsplit(":", 1)[1])
-                        return port, fields["admin"]
-            time.sleep(0.05)
-        sys.exit(f"no 'line-retry-proxy ready' log line within {timeout}s; see {self.log}")
-
-    def metrics(self):
-        with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
-
-    def rss_kb(self):
-        return status_kb(self.proc.pid, "VmRSS")
-
-
-def metric(m, name, **labels):
-    """Sum of a metric over the series whose labels include `labels`."""
-    total = 0.0
-    for key, value in m.items():
-        series, _, rest = key.partition("{")
-        if series == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
-
-
-def post(port, body, tls_ca=None, headers=None):
-    """One POST /v2/bot/message/push; returns (status, headers, body)."""
-    if tls_ca:
-        ctx = ssl.create_default_context(cafile=tls_ca)
-        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
-    else:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("POST", PUSH, body=body, headers={
-            "Authorization": "Bearer bench-channel-access-token",
-            "Content-Type": "application/json", **(headers or {})})
-        r = conn.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        conn.close()
-
-
-# ---------------------------------------------------------------- load generators
-
-
-def run_wrk(url, seconds, conns, threads, nonce, body="unique"):
-    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s",
-            "-s", os.path.join(BENCH, "wrk-push.lua"), url, "--", nonce, body]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    for line in out.stdout.splitlines():
-        if line.startswith("BENCH "):
-            r = json.loads(line[6:])
-            r["seconds"] = r.pop("duration_us") / 1e6
-            return r
-    sys.exit(f"wrk printed no result (exit {out.returncode}):\n{out.stdout}{out.stderr}")
-
-
-def run_load(target_port, seconds, conns, threads, nonce, connect_ca=None, requests=None):
-    argv = [LOAD_BIN, "--target", f"127.0.0.1:{target_port}", "--connections", str(conns),
-            "--threads", str(threads), "--duration", str(seconds), "--nonce", nonce]
-    if connect_ca:
-        argv += ["--connect", "api.line.me:443", "--ca", connect_ca]
-    if requests is not None:
-        argv += ["--requests", str(requests)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        sys.exit(f"connect-load printed no result (exit {out.returncode}):\n{out.stderr}")
-
+from benchlib import (
+    PROXY_BIN, LOAD_BIN, PUSH, TICK, Proxy, cleanup, cpu_seconds, env_int, free_port,
+    machine_info, machine_ticks, make_pki, metric, on_signal, post, proc_tree, reset_peak_rss,
+    run_load, run_wrk, settle, start_nginx, status_kb, stop_all, stop_all_but_upstream,
+)
 
 # ---------------------------------------------------------------- throughput
 
@@ -314,6 +42,7 @@ def throughput(smoke):
         proxy = Proxy(d, up_port, env_int("STORE_MAX_BYTES", 16 << 30))
         sanity(up_port, ng_port, proxy, os.path.join(d, "ca.pem"))
 
+        ours = lambda: proc_tree(upstream.pid) + proc_tree(nginx.pid) + [proxy.proc.pid]
         run_id = f"{os.getpid():x}{int(time.time()):x}"
         https = lambda p: f"https://127.0.0.1:{p}{PUSH}"
         http_ = lambda p: f"http://127.0.0.1:{p}{PUSH}"
@@ -345,7 +74,7 @@ def throughput(smoke):
             order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]  # rotate: no fixed order
             for name, pids, drive, expect in order:
                 nonce = f"{run_id}m{modes.index((name, pids, drive, expect))}r{rnd}"
-                res = measure(pids(), lambda: drive(seconds, nonce),
+                res = measure(pids(), ours(), lambda: drive(seconds, nonce),
                               proxy if expect else None, expect)
                 results[name].append(res)
                 time.sleep(0.3)
@@ -378,16 +107,28 @@ def sanity(up_port, ng_port, proxy, ca):
         sys.exit(f"sanity: a resend through the proxy was not replayed: {status} {headers}")
 
 
-def measure(pids, drive, proxy, expect):
+def children_cpu():
+    """CPU of the load generators this harness has waited for."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measure(pids, ours, drive, proxy, expect):
+    """Runs `drive` and reads what it cost `pids`; `ours` are all the servers of the bench, so
+    that CPU used by anything else on the machine during the run can be reported beside it."""
     reset_peak_rss(pids)
     before_m = proxy.metrics() if proxy else None
-    cpu0, (all0, idle0) = cpu_seconds(pids), machine_ticks()
+    cpu0, ours0, load0 = cpu_seconds(pids), cpu_seconds(ours), children_cpu()
+    all0, idle0 = machine_ticks()
     r = drive()
-    cpu1, (all1, idle1) = cpu_seconds(pids), machine_ticks()
+    all1, idle1 = machine_ticks()
+    cpu1, ours1, load1 = cpu_seconds(pids), cpu_seconds(ours), children_cpu()
     r["rps"] = r["requests"] / r["seconds"] if r["seconds"] else 0.0
     r["cpu_ms_per_1k"] = (cpu1 - cpu0) * 1e6 / r["requests"] if r["requests"] else 0.0
     r["peak_rss_kb"] = sum(status_kb(p, "VmHWM") for p in pids)
-    r["machine_busy"] = 100.0 * (1 - (idle1 - idle0) / max(1, all1 - all0))
+    busy = (all1 - all0 - (idle1 - idle0)) / TICK
+    foreign = busy - (ours1 - ours0) - (load1 - load0)
+    r["foreign_cpu"] = max(0.0, 100.0 * foreign / max(1e-9, (all1 - all0) / TICK))
     r["check"] = None
     if proxy:
         after = proxy.metrics()
@@ -412,7 +153,7 @@ def report(results, smoke):
                                  for i in range(rounds) if results[base][i]["rps"])
 
     print(f"\n{'mode':<21}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'+p99 ms':>9}"
-          f"{'CPU ms/1k':>10}{'peak RSS':>10}{'busy':>6}{'x direct':>9}{'x nginx':>8}  check")
+          f"{'CPU ms/1k':>10}{'peak RSS':>10}{'other':>6}{'x direct':>9}{'x nginx':>8}  check")
     direct_p99 = med("direct", "p99_us")
     for name, rs in results.items():
         cpu = sum(r["cpu_ms_per_1k"] * r["requests"] for r in rs) / max(1, sum(
@@ -427,11 +168,13 @@ def report(results, smoke):
         print(f"{name:<21}{med(name, 'rps'):>9,.0f}{med(name, 'p50_us') / 1e3:>8.2f}"
               f"{med(name, 'p99_us') / 1e3:>8.2f}"
               f"{(med(name, 'p99_us') - direct_p99) / 1e3:>+9.2f}{cpu:>10.1f}"
-              f"{max(r['peak_rss_kb'] for r in rs) / 1024:>8.1f}Mi{med(name, 'machine_busy'):>5.0f}%"
+              f"{max(r['peak_rss_kb'] for r in rs) / 1024:>8.1f}Mi{max(r['foreign_cpu'] for r in rs):>5.0f}%"
               f"{ratio(name, 'direct'):>9.2f}{ratio(name, 'nginx proxy'):>8.2f}  {check}")
-    print("req/s, p50, p99, busy: medians over rounds; +p99: over direct; CPU: of the server "
-          "under test\n(nginx: master + workers; proxy: its process), per 1,000 requests; peak "
-          "RSS: VmHWM during the run;\nratios: per-round, median.")
+    print("req/s, p50, p99: medians over rounds; +p99: over direct; CPU: of the server under "
+          "test (nginx:\nmaster + workers; proxy: its process) per 1,000 requests; peak RSS: "
+          "VmHWM during the run;\nother: the largest share of the machine's CPU used outside "
+          "this benchmark during a run\n(above a few % the numbers are disturbed); ratios: "
+          "per round, then the median.")
     nginx_p99_added = med("nginx proxy", "p99_us") - direct_p99
     proxy_p99_added = med("proxy unique", "p99_us") - direct_p99
     cpu_of = lambda n: sum(r["cpu_ms_per_1k"] for r in results[n]) / rounds
@@ -538,38 +281,10 @@ def memory(smoke):
         cleanup(d)
 
 
-def stop_all_but_upstream():
-    proxies = [p for p in _started if p.args[0] == PROXY_BIN]
-    for p in proxies:
-        p.terminate()
-        p.wait(timeout=40)
-        _started.remove(p)
-
-
-def settle(proxy, timeout=20):
-    """Metrics once the store's gauges stop moving (moka applies writes in batches)."""
-    last, end = None, time.monotonic() + timeout
-    while time.monotonic() < end:
-        m = proxy.metrics()
-        now = (metric(m, "line_retry_proxy_store_entries"), metric(m, "line_retry_proxy_store_bytes"))
-        if now == last:
-            return m
-        last = now
-        time.sleep(0.5)
-    return m
-
-
-def cleanup(d):
-    if os.environ.get("BENCH_KEEP"):
-        print(f"kept {d}")
-    else:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def main():
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    if len(sys.argv) < 2 or sys.argv[1] not in ("throughput", "memory"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("throughput", "memory", "profile"):
         sys.exit(__doc__)
     smoke = "--smoke" in sys.argv[2:]
     for tool in ("nginx", "wrk", "openssl"):
@@ -578,7 +293,12 @@ def main():
     for binary in (PROXY_BIN, LOAD_BIN):
         if not os.access(binary, os.X_OK):
             sys.exit(f"{binary} missing: run bench/run.sh, which builds it")
-    sys.exit(throughput(smoke) if sys.argv[1] == "throughput" else memory(smoke))
+    if sys.argv[1] == "profile":
+        if not shutil.which("perf"):
+            sys.exit("perf not found: apt-get install linux-perf")
+        from perfprofile import profile
+        sys.exit(profile(smoke))
+    sys.exit({"throughput": throughput, "memory": memory}[sys.argv[1]](smoke))
 
 
 if __name__ == "__main__":
