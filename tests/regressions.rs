@@ -107,16 +107,22 @@ async fn coalescing_holds_while_the_store_is_full() {
     // slow the machine.
     let release_at = 1 + CHURN_WORKERS * CHURN_EACH + 1;
     mock.script([Fault::HoldUntil(release_at)]);
+    // The first send is held for as long as the churn takes: no timeout may end it.
     let proxy = Proxy::start(
         &mock,
-        &["--store-max-bytes=1048576", "--attempt-timeout=60s"],
+        &[
+            "--store-max-bytes=1048576",
+            "--attempt-timeout=300s",
+            "--request-deadline=300s",
+        ],
     )
     .await;
     let body = push_body("held while the store churns");
+    // Unbounded here: the joins below bound them.
     let send = |body: String| {
         let url = proxy.url(PUSH);
         tokio::spawn(async move {
-            support::proxy::send(
+            support::proxy::try_send(
                 http::Method::POST,
                 &url,
                 &[
@@ -126,6 +132,7 @@ async fn coalescing_holds_while_the_store_is_full() {
                 body,
             )
             .await
+            .expect("the proxy answered")
         })
     };
     let first = send(body.clone());
@@ -150,7 +157,7 @@ async fn coalescing_holds_while_the_store_is_full() {
         })
         .collect();
     for c in churn {
-        within(Duration::from_secs(120), "the churn finished", c)
+        within(Duration::from_secs(240), "the churn finished", c)
             .await
             .unwrap();
     }
