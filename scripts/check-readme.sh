@@ -54,6 +54,10 @@ else
 fi
 
 shown 'cargo install --path . --locked'
+shown 'line-retry-proxy ca --renew --ca-dir ./ca > bundle.pem'
+(cd "$work" && "$OLDPWD/$bin" ca --renew --ca-dir ./ca > bundle.pem 2>/dev/null)
+[ "$(grep -c 'BEGIN CERTIFICATE' "$work/bundle.pem")" -eq 2 ] || { echo "check-readme: ca --renew did not print the new and the old certificate" >&2; exit 1; }
+cmp -s "$work/ca/ca-previous.pem" "$work/line-retry-proxy-ca.pem" || { echo "check-readme: ca --renew did not keep the old certificate" >&2; exit 1; }
 
 shown 'line-retry-proxy check-config --config config/line-retry-proxy.toml'
 "$bin" check-config --config config/line-retry-proxy.toml | grep '^max-attempts = 4' >/dev/null
@@ -66,4 +70,4 @@ grep -q 'configuration reloaded' "$work/log"
 kill -TERM "$pid"
 wait "$pid" && code=0 || code=$?
 [ "$code" -eq 0 ] || { echo "check-readme: exit $code after SIGTERM" >&2; exit 1; }
-echo "check-readme: ok (run, stats, metrics, ca${bundle}, check-config, SIGHUP, SIGTERM)"
+echo "check-readme: ok (run, stats, metrics, ca${bundle}, ca --renew, check-config, SIGHUP, SIGTERM)"

@@ -149,6 +149,80 @@ fn ca_subcommand_creates_then_reuses_the_ca() {
     assert_eq!(first, second, "the same CA on every call");
 }
 
+#[test]
+fn ca_renew_replaces_the_ca_and_prints_both_for_the_change_over() {
+    let dir = temp_dir("renew").join("ca");
+    let d = dir.to_str().unwrap();
+    let (code, old, err) = run(&["ca", "--ca-dir", d], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, bundle, err) = run(
+        &[
+            "ca",
+            "--renew",
+            "--ca-dir",
+            d,
+            "--intercept-hosts",
+            "api.line.me,api-data.line.me",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("restart the proxy"), "{err}");
+    let (_, new, _) = run(&["ca", "--ca-dir", d], &[]);
+    assert_ne!(new, old);
+    assert_eq!(
+        bundle,
+        format!("{new}{old}"),
+        "the new certificate, then the old"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ca-previous.pem")).unwrap(),
+        old
+    );
+    let (code, _, err) = run(
+        &["ca", "--renew", "--ca-dir", d, "--ca-lifetime", "50years"],
+        &[],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("`ca-lifetime`"), "{err}");
+}
+
+/// `proxy-auth`: its scope said in --help; a warning when it is a flag (every user can
+/// read it with `ps`), none when it comes from the environment; never the value itself.
+#[tokio::test]
+async fn proxy_auth_as_a_flag_is_warned_about() {
+    let (_, help, _) = run(&["--help"], &[]);
+    assert!(
+        help.contains("CONNECT and absolute-form requests only"),
+        "{help}"
+    );
+    let warning = "visible to every user";
+    let mock = MockLine::start().await;
+    let mut flagged = Process::start(&mock, &["--proxy-auth=bot:hunter2"], &[]).await;
+    let mut from_env = Process::start(
+        &mock,
+        &[],
+        &[("LINE_RETRY_PROXY_PROXY_AUTH", "bot:hunter2")],
+    )
+    .await;
+    for p in [&flagged, &from_env] {
+        p.signal("-TERM");
+    }
+    assert_eq!(flagged.child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(from_env.child.wait().await.unwrap().code(), Some(0));
+    let flagged_log = [flagged.seen.clone(), flagged.rest_of_log().await].concat();
+    let env_log = [from_env.seen.clone(), from_env.rest_of_log().await].concat();
+    assert!(
+        flagged_log.iter().any(|l| l.contains(warning)),
+        "{flagged_log:?}"
+    );
+    assert!(!env_log.iter().any(|l| l.contains(warning)), "{env_log:?}");
+    assert!(!flagged_log
+        .iter()
+        .chain(&env_log)
+        .any(|l| l.contains("hunter2")));
+}
+
 /// The real process: serve, log one JSON line per request without the credential or
 /// the message, answer the healthcheck and stats subcommands, and exit 0 on SIGTERM.
 #[tokio::test]

@@ -26,6 +26,7 @@ use line_retry_proxy::body::{full, BoxFuture, ProxyBody};
 use line_retry_proxy::config::{Config, ServeArgs};
 use line_retry_proxy::domain::{AttemptFailure, Endpoint, LINE_KEY_LIFETIME};
 use line_retry_proxy::metrics::Metrics;
+use line_retry_proxy::pipeline::read::Intake;
 use line_retry_proxy::pipeline::Pipeline;
 use line_retry_proxy::store::memory::MemoryStore;
 use line_retry_proxy::upstream::Upstream;
@@ -251,13 +252,20 @@ fn pipeline(line: &Arc<ModelLine>, window: &str) -> Arc<Pipeline> {
     .unwrap();
     let config = Config::load(&args.serve).unwrap();
     let clock = line.clock.clone();
+    let metrics = Arc::new(Metrics::default());
     Arc::new(
         Pipeline::new(
             Box::new(MemoryStore::new(config.store_max_bytes)),
             line.clone(),
-            Arc::new(Metrics::default()),
+            metrics.clone(),
             config.policy,
-            config.body_limit,
+            Intake::new(
+                config.body_limit,
+                config.body_timeout,
+                config.idle_timeout,
+                config.buffer_limit,
+                metrics,
+            ),
             false,
         )
         .with_clock(Arc::new(move || clock.now())),

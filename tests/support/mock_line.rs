@@ -509,7 +509,7 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
     let req = Arrived {
-        path: parts.uri.path().to_owned(),
+        path: unescape_unreserved(parts.uri.path()),
         path_and_query: parts
             .uri
             .path_and_query()
@@ -632,7 +632,9 @@ async fn reset(state: &State, conn: &CancellationToken) -> Answer {
 
 /// LINE's normal behaviour; the flag says whether this request was accepted for delivery.
 fn respond(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
-    let instrument = req.path.starts_with("/echo") || req.path.starts_with("/stream/");
+    let instrument = ["/echo", "/stream/", "/stall/"]
+        .iter()
+        .any(|p| req.path.starts_with(p));
     if !instrument
         && req
             .authorization
@@ -758,6 +760,16 @@ fn other_endpoint(req: &Arrived, id: &str, state: &State) -> Response<Body> {
             });
             json_answer(StatusCode::OK, id, body)
         }
+        (&Method::GET, path) if path.starts_with("/stall/") => {
+            match path["/stall/".len()..].parse::<usize>() {
+                Ok(len) => {
+                    let mut res = Response::new(Stall(Some(stream_body(len))).boxed());
+                    set_request_id(&mut res, id);
+                    res
+                }
+                Err(_) => message(StatusCode::BAD_REQUEST, id, "Bad stall length"),
+            }
+        }
         (&Method::GET, path) if path.starts_with("/stream/") => {
             match path["/stream/".len()..].parse::<usize>() {
                 Ok(len) => {
@@ -773,6 +785,51 @@ fn other_endpoint(req: &Arrived, id: &str, state: &State) -> Response<Body> {
             }
         }
         _ => message(StatusCode::NOT_FOUND, id, "Not found"),
+    }
+}
+
+/// `%XX` escapes of unreserved characters decoded, as a web server normalises a path
+/// before routing it (RFC 3986 §6.2.2.2): `/v2/bot/message/%70ush` is push.
+fn unescape_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| path.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b));
+        match decoded {
+            Some(b) => {
+                out.push(b as char);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i] as char);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A body that sends its bytes, then nothing more, ever (the connection dies with the
+/// mock): an upstream that stalls in the middle of a body.
+struct Stall(Option<Bytes>);
+
+impl hyper::body::Body for Stall {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None => Poll::Pending,
+        }
     }
 }
 
