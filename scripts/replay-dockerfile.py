@@ -23,7 +23,7 @@ The base image is not fetched: its tools come from this machine (for the build s
 the Rust toolchain on PATH). The environment of each RUN is this process's environment
 plus the stage's ARG and ENV values, so CARGO_TARGET_DIR may point at a warm target
 directory to reuse compiled dependencies; the crate itself is still compiled from the
-copied sources, which sit at another path.
+copied sources, whose files are new.
 """
 import argparse
 import fnmatch
@@ -306,7 +306,9 @@ def copy_one(src, dest):
             dest.unlink()
         os.symlink(os.readlink(src), dest)
     else:
-        shutil.copy2(src, dest)
+        # Content and mode, and a new mtime: cargo then compiles the copy instead of
+        # taking the crate from a shared target directory whose build saw the same times.
+        shutil.copy(src, dest)
 
 
 def run_copy(stage, ins, context, ignore, workdir):
