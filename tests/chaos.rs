@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
 use support::mock_line::{Chaos, Delivery, MockLine};
-use support::proxy::{Proxy, Reply};
+use support::proxy::{Proxy, Reply, STOP_LIMIT};
 use support::within;
 use tokio::sync::watch;
 
@@ -140,6 +140,8 @@ struct Told {
     timeouts: u32,
     connection_errors: u32,
     server_errors: u32,
+    /// The 5xx answers by status and the proxy's reason (or `line` for LINE's own).
+    server_error_kinds: BTreeMap<String, u32>,
     latency: Duration,
 }
 
@@ -199,7 +201,16 @@ async fn bot(shared: Arc<Shared>, seed: u64) {
                     told.answer = Some(reply);
                     break;
                 }
-                Ok(Ok(reply)) if reply.status.is_server_error() => told.server_errors += 1,
+                Ok(Ok(reply)) if reply.status.is_server_error() => {
+                    told.server_errors += 1;
+                    let reason = reply
+                        .headers
+                        .get("x-line-retry-proxy-error")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("line");
+                    let kind = format!("{} {reason}", reply.status.as_u16());
+                    *told.server_error_kinds.entry(kind).or_default() += 1;
+                }
                 Ok(Ok(reply)) => {
                     told.refused = Some(reply);
                     break;
@@ -234,6 +245,7 @@ struct Tally {
     timeouts: u64,
     connection_errors: u64,
     server_errors: u64,
+    server_error_kinds: BTreeMap<String, u64>,
     latencies: Vec<Duration>,
 }
 
@@ -261,6 +273,9 @@ fn tally(sends: &[Send], told: Vec<Option<Told>>, deliveries: Vec<Delivery>) -> 
         t.timeouts += u64::from(told.timeouts);
         t.connection_errors += u64::from(told.connection_errors);
         t.server_errors += u64::from(told.server_errors);
+        for (kind, n) in &told.server_error_kinds {
+            *t.server_error_kinds.entry(kind.clone()).or_default() += u64::from(*n);
+        }
         let what = format!("send {i} ({} {})", send.path, &send.token[7..]);
         if delivered.len() > 1 {
             t.duplicates
@@ -355,7 +370,7 @@ async fn soak(plan: Plan) {
     let started = Instant::now();
     let run = run(&plan, seed);
     let what = format!("the chaos soak (seed {seed}) finished");
-    let (tally, faults) = within(plan.limit, &what, run).await;
+    let (tally, faults, refusals) = within(plan.limit, &what, run).await;
     let elapsed = started.elapsed();
 
     let mut latencies = tally.latencies.clone();
@@ -363,8 +378,8 @@ async fn soak(plan: Plan) {
     let faults_total: usize = faults.values().sum();
     println!(
         "chaos: seed={seed} sends={} deliveries={} duplicates={} losses={} phantoms={} mismatched={} strays={} \
-         p50={:?} p99={:?} max={:?} tries={} bot_timeouts={} bot_5xx={} bot_broken={} unconfirmed={} \
-         outcomes={:?} faults={faults:?} restarts={} elapsed={elapsed:.1?}",
+         p50={:?} p99={:?} max={:?} tries={} bot_timeouts={} bot_5xx={} {:?} bot_broken={} unconfirmed={} \
+         outcomes={:?} faults={faults:?} budget_refusals={refusals} restarts={} elapsed={elapsed:.1?}",
         plan.sends,
         tally.deliveries,
         tally.duplicates.len(),
@@ -378,6 +393,7 @@ async fn soak(plan: Plan) {
         tally.tries,
         tally.timeouts,
         tally.server_errors,
+        tally.server_error_kinds,
         tally.connection_errors,
         tally.unconfirmed,
         tally.outcomes,
@@ -436,9 +452,11 @@ async fn soak(plan: Plan) {
     );
 }
 
-/// Runs the bots against the proxy (restarting it as planned) and returns the tally and
-/// the faults the mock applied.
-async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>) {
+/// Runs the bots against the proxy (restarting it as planned) and returns the tally,
+/// the faults the mock applied, and the retries the proxies' budget refused (counted
+/// up to each proxy's stop).
+async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>, f64) {
+    const REFUSED: &str = "line_retry_proxy_retry_budget_exhausted_total";
     let mock = MockLine::start().await;
     mock.chaos(Chaos {
         seed,
@@ -452,6 +470,7 @@ async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>) {
         max_delay: Duration::from_millis(400),
     });
     let mut proxy = Proxy::start(&mock, &PROXY_ARGS).await;
+    let mut refused = 0.0;
     let (to_bots, proxy_addr) = watch::channel(proxy.addr);
     let (done, mut progress) = watch::channel(0usize);
     let shared = Arc::new(Shared {
@@ -473,7 +492,14 @@ async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>) {
             .expect("the run holds the sender");
         // A restart: the old proxy drains and goes, a new one with an empty store
         // starts on another port, and the bots follow.
-        assert!(proxy.stop().await, "the proxy drained before its restart");
+        // (The admin port goes with the proxy: its count is read first.)
+        refused += proxy.metric(REFUSED).await;
+        let stopping = proxy.begin_stop();
+        let drained = within(STOP_LIMIT, "the proxy drained before its restart", stopping);
+        assert!(
+            drained.await.unwrap(),
+            "the proxy drained before its restart"
+        );
         proxy = Proxy::start(&mock, &PROXY_ARGS).await;
         to_bots.send_replace(proxy.addr);
     }
@@ -481,13 +507,17 @@ async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>) {
         bot.await.expect("a bot did not panic");
     }
     // Let the last proxy finish whatever the bots left running, so LINE's record is final.
-    assert!(proxy.stop().await, "the last proxy drained");
+    refused += proxy.metric(REFUSED).await;
+    let stopping = proxy.begin_stop();
+    let drained = within(STOP_LIMIT, "the last proxy drained", stopping);
+    assert!(drained.await.unwrap(), "the last proxy drained");
     mock.calm();
 
     let told = std::mem::take(&mut *shared.told.lock().unwrap());
     (
         tally(&shared.sends, told, mock.deliveries()),
         mock.faults_applied(),
+        refused,
     )
 }
 
