@@ -29,6 +29,15 @@ pub enum ProxyError {
     #[error("the request body could not be read from the client")]
     ClientBody,
 
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+
+    #[error("{0}")]
+    MethodNotAllowed(&'static str),
+
+    #[error("the proxy is holding as many request bytes as it may; try again shortly")]
+    Overloaded,
+
     #[error("proxy authentication required")]
     ProxyAuthRequired,
 
@@ -57,12 +66,16 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
             | ProxyError::ClientBody
+            | ProxyError::BodyTimeout
+            | ProxyError::MethodNotAllowed(_)
             | ProxyError::ProxyAuthRequired
             | ProxyError::HostNotAllowed { .. } => Side::Client,
             ProxyError::UpstreamUnreachable { .. }
             | ProxyError::TunnelTarget { .. }
             | ProxyError::Forward(_) => Side::Upstream,
-            ProxyError::ShuttingDown | ProxyError::Internal(_) => Side::Internal,
+            ProxyError::ShuttingDown | ProxyError::Overloaded | ProxyError::Internal(_) => {
+                Side::Internal
+            }
         }
     }
 
@@ -76,6 +89,8 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) | ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
             ProxyError::UpstreamUnreachable { last, .. } | ProxyError::Forward(last) => {
@@ -86,7 +101,7 @@ impl ProxyError {
                 }
             }
             ProxyError::TunnelTarget { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ShuttingDown | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,6 +112,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::ClientBody => "client_body",
+            ProxyError::BodyTimeout => "body_timeout",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::Overloaded => "overloaded",
             ProxyError::ProxyAuthRequired => "proxy_auth_required",
             ProxyError::HostNotAllowed { .. } => "host_not_allowed",
             ProxyError::UpstreamUnreachable {
@@ -119,6 +137,15 @@ impl ProxyError {
             "retryable": self.retryable(),
         });
         Bytes::from(body.to_string())
+    }
+
+    /// Whether the connection must close after this answer: the request's body was cut
+    /// off or left unread, so what follows on the connection is not worth reading.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ClientBody | ProxyError::BodyTimeout | ProxyError::Overloaded
+        )
     }
 
     pub fn reason_header(&self) -> HeaderValue {

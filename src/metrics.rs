@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::{AttemptFailure, Endpoint, Outcome, StoreStats};
@@ -57,6 +58,49 @@ impl Histogram {
     }
 }
 
+/// A bound the proxy holds clients to: each one counted when it bites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A connection sent no whole request head within `header-timeout` of accept.
+    HeaderTimeout,
+    /// A connection had no request in flight for `idle-timeout`.
+    IdleTimeout,
+    /// A body arrived too slowly (`body-timeout`), or a streamed body paused too long.
+    BodyTimeout,
+    /// A keyed request found no room under `buffer-limit` in time.
+    BufferLimit,
+    /// The proxy port was full (`max-connections`).
+    MaxConnections,
+    /// The admin port was full (`admin-max-connections`).
+    AdminMaxConnections,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 6] = [
+        Limit::HeaderTimeout,
+        Limit::IdleTimeout,
+        Limit::BodyTimeout,
+        Limit::BufferLimit,
+        Limit::MaxConnections,
+        Limit::AdminMaxConnections,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::HeaderTimeout => "header_timeout",
+            Limit::IdleTimeout => "idle_timeout",
+            Limit::BodyTimeout => "body_timeout",
+            Limit::BufferLimit => "buffer_limit",
+            Limit::MaxConnections => "max_connections",
+            Limit::AdminMaxConnections => "admin_max_connections",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Every counter the proxy keeps. One instance per running proxy, no globals.
 #[derive(Default)]
 pub struct Metrics {
@@ -77,6 +121,20 @@ pub struct Metrics {
     tunnels_open: AtomicI64,
     tunnels_total: AtomicU64,
     connect_refused: AtomicU64,
+    limits_hit: [AtomicU64; Limit::ALL.len()],
+    buffered_bytes: AtomicI64,
+}
+
+/// One request in flight, shared by its handler and any work it left behind.
+#[derive(Clone)]
+pub struct InFlight(#[allow(dead_code)] Arc<InFlightCount>);
+
+struct InFlightCount(Arc<Metrics>);
+
+impl Drop for InFlightCount {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Decrements its gauge when dropped, so an early return or a panic cannot leak a count.
@@ -128,6 +186,23 @@ impl Metrics {
         if !ok {
             self.tls_handshake_failures.fetch_add(1, Relaxed);
         }
+    }
+
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limits_hit[limit.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Request bytes buffered now, proxy-wide: `delta` added or (negative) released.
+    pub fn buffered(&self, delta: i64) {
+        self.buffered_bytes.fetch_add(delta, Relaxed);
+    }
+
+    /// A share of the in-flight gauge that can outlive the request's handler: the
+    /// request counts once, until its last share (handler or detached upstream work)
+    /// is dropped.
+    pub fn in_flight_shared(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Relaxed);
+        InFlight(Arc::new(InFlightCount(self.clone())))
     }
 
     pub fn connect_refused(&self) {
@@ -281,7 +356,7 @@ impl Metrics {
         gauge(
             o,
             "line_retry_proxy_in_flight_requests",
-            "Requests being handled now.",
+            "Requests being handled now, including upstream work whose bot has hung up.",
             self.in_flight.load(Relaxed),
         );
         gauge(
@@ -325,6 +400,26 @@ impl Metrics {
             "line_retry_proxy_connect_refused_total",
             "CONNECT requests refused (host not allowed, auth, target unreachable).",
             &self.connect_refused,
+        );
+        header(
+            o,
+            "line_retry_proxy_limits_hit_total",
+            "counter",
+            "Clients cut off or refused by a limit: connections closed, 408s, 503s.",
+        );
+        for (limit, n) in Limit::ALL.iter().zip(&self.limits_hit) {
+            let _ = writeln!(
+                o,
+                "line_retry_proxy_limits_hit_total{{limit=\"{}\"}} {}",
+                limit.label(),
+                n.load(Relaxed)
+            );
+        }
+        gauge(
+            o,
+            "line_retry_proxy_buffered_bytes",
+            "Request bytes buffered now (keyed bodies, with their upstream work), as counted for buffer-limit.",
+            self.buffered_bytes.load(Relaxed),
         );
         gauge(
             o,

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::StatusCode;
 use support::mock_line::{Fault, MockLine};
 use support::proxy::{post, push, push_body, Proxy, TOKEN};
+use support::within;
 
 const PUSH: &str = "/v2/bot/message/push";
 
@@ -98,30 +99,30 @@ async fn a_huge_retry_after_answers_lines_429_at_once() {
 /// store, or identical concurrent sends each go upstream.
 #[tokio::test]
 async fn coalescing_holds_while_the_store_is_full() {
-    // LINE holds the first send for `hold`; the churn and the identical sends must all
-    // happen inside it. On a machine too busy for that, try again with a longer hold.
-    for hold in [4, 8, 16].map(Duration::from_secs) {
-        if coalesces_under_churn(hold).await {
-            return;
-        }
-    }
-    panic!("the churn never fitted inside LINE's 16 s hold of the first send");
-}
-
-/// Returns false if the churn outlasted the hold, so the check could not be made.
-async fn coalesces_under_churn(hold: Duration) -> bool {
+    const CHURN_WORKERS: usize = 8;
+    const CHURN_EACH: usize = 600;
     let mock = MockLine::start().await;
-    mock.script([Fault::Delay(hold)]);
+    // LINE holds the first send until the churn and one more request have arrived:
+    // the churn and the identical sends all happen while it is in flight, however
+    // slow the machine.
+    let release_at = 1 + CHURN_WORKERS * CHURN_EACH + 1;
+    mock.script([Fault::HoldUntil(release_at)]);
+    // The first send is held for as long as the churn takes: no timeout may end it.
     let proxy = Proxy::start(
         &mock,
-        &["--store-max-bytes=1048576", "--attempt-timeout=60s"],
+        &[
+            "--store-max-bytes=1048576",
+            "--attempt-timeout=300s",
+            "--request-deadline=300s",
+        ],
     )
     .await;
     let body = push_body("held while the store churns");
+    // Unbounded here: the joins below bound them.
     let send = |body: String| {
         let url = proxy.url(PUSH);
         tokio::spawn(async move {
-            support::proxy::send(
+            support::proxy::try_send(
                 http::Method::POST,
                 &url,
                 &[
@@ -131,19 +132,17 @@ async fn coalesces_under_churn(hold: Duration) -> bool {
                 body,
             )
             .await
+            .expect("the proxy answered")
         })
     };
     let first = send(body.clone());
-    tokio::time::timeout(Duration::from_secs(5), mock.wait_requests(1))
-        .await
-        .expect("the first send reached LINE");
-    let held_since = std::time::Instant::now();
+    mock.wait_requests(1).await;
     // Churn: many more answers than 1 MiB holds, each through the store.
-    let churn: Vec<_> = (0..8)
+    let churn: Vec<_> = (0..CHURN_WORKERS)
         .map(|worker| {
             let url = proxy.url(PUSH);
             tokio::spawn(async move {
-                for i in 0..600 {
+                for i in 0..CHURN_EACH {
                     let text = format!("churn {worker} {i} {}", "x".repeat(400));
                     let r = support::proxy::send(
                         http::Method::POST,
@@ -158,23 +157,28 @@ async fn coalesces_under_churn(hold: Duration) -> bool {
         })
         .collect();
     for c in churn {
-        c.await.unwrap();
+        within(Duration::from_secs(240), "the churn finished", c)
+            .await
+            .unwrap();
     }
     let stored = proxy.metric("line_retry_proxy_store_bytes").await;
     assert!(stored <= 1_048_576.0, "the store kept its bound: {stored}");
-    if held_since.elapsed() + Duration::from_secs(1) > hold {
-        return false;
-    }
+    assert!(!first.is_finished(), "the first send is still held at LINE");
+
     let waiters: Vec<_> = (0..19).map(|_| send(body.clone())).collect();
-    let first = tokio::time::timeout(Duration::from_secs(60), first)
+    proxy
+        .wait_metric("line_retry_proxy_in_flight_requests", |v| v >= 20.0)
+        .await;
+    // The last arrival LINE waits for: the first send goes on.
+    let trigger = push(&proxy, &push_body("the last arrival")).await;
+    assert_eq!(trigger.status, StatusCode::OK);
+    let first = within(Duration::from_secs(60), "the first send finished", first)
         .await
-        .expect("the first send finished")
         .unwrap();
     assert_eq!(first.status, StatusCode::OK);
     for w in waiters {
-        let r = tokio::time::timeout(Duration::from_secs(60), w)
+        let r = within(Duration::from_secs(60), "a coalesced send finished", w)
             .await
-            .expect("a coalesced send finished")
             .unwrap();
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(
@@ -189,7 +193,6 @@ async fn coalesces_under_churn(hold: Duration) -> bool {
         .filter(|r| r.body == body.as_bytes())
         .count();
     assert_eq!(upstream, 1, "identical sends in flight went upstream once");
-    true
 }
 
 /// Defect 4: canonical JSON must never merge two different messages.

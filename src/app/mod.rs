@@ -11,10 +11,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Policy, StoreKind};
-use crate::edge::intercept::ca::{CaError, CertificateAuthority};
+use crate::edge::intercept::ca::{CaError, CaPlan, CertificateAuthority};
 use crate::edge::intercept::leaf::LeafCache;
 use crate::edge::{Edge, Limits};
 use crate::metrics::Metrics;
+use crate::pipeline::read::Intake;
 use crate::pipeline::Pipeline;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
@@ -23,6 +24,8 @@ use crate::upstream::{Client, UpstreamError};
 
 /// Bounds the intercept leaf cache: one entry per intercepted host name.
 const MAX_LEAF_HOSTS: u64 = 1024;
+/// A CA this close to its end is warned about at every start.
+const CA_RENEW_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -72,11 +75,37 @@ impl App {
             Arc::new(upstream),
             metrics.clone(),
             config.policy.clone(),
-            config.body_limit,
+            Intake::new(
+                config.body_limit,
+                config.body_timeout,
+                config.idle_timeout,
+                config.buffer_limit,
+                metrics.clone(),
+            ),
             config.canonical_json,
         ));
 
-        let ca = CertificateAuthority::load_or_create(&config.ca_dir)?;
+        let plan = CaPlan {
+            hosts: config.policy.intercept_hosts.clone(),
+            lifetime: config.ca_lifetime,
+        };
+        let ca = CertificateAuthority::load_or_create(&config.ca_dir, &plan)?;
+        if let Some(host) = plan.hosts.iter().find(|h| !ca.permits(h)) {
+            return Err(CaError::OutsideConstraints(host.clone()).into());
+        }
+        if !ca.is_constrained() {
+            tracing::warn!("the intercept CA has no name constraint: its key could sign for any site; make a constrained one with `line-retry-proxy ca --renew`");
+        }
+        let left = ca
+            .not_after()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        if left < CA_RENEW_WARNING {
+            tracing::warn!(
+                days_left = left.as_secs() / 86_400,
+                "the intercept CA expires soon: make the next one with `line-retry-proxy ca --renew`"
+            );
+        }
         let leaves = LeafCache::new(Arc::new(ca), config.leaf_lifetime, MAX_LEAF_HOSTS);
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
@@ -96,7 +125,9 @@ impl App {
             proxy_auth: config.proxy_auth.clone(),
             limits: Limits {
                 max_connections: config.max_connections,
+                admin_max_connections: config.admin_max_connections,
                 header_timeout: config.header_timeout,
+                idle_timeout: config.idle_timeout,
                 handshake_timeout: config.handshake_timeout,
             },
             metrics,

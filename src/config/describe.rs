@@ -83,9 +83,17 @@ impl Config {
         );
         line("max-connections", self.max_connections.to_string());
         line("header-timeout", d(self.header_timeout));
+        line("idle-timeout", d(self.idle_timeout));
+        line("body-timeout", d(self.body_timeout));
+        line("buffer-limit", self.buffer_limit.to_string());
+        line(
+            "admin-max-connections",
+            self.admin_max_connections.to_string(),
+        );
         line("handshake-timeout", d(self.handshake_timeout));
         line("shutdown-grace", d(self.shutdown_grace));
         line("leaf-lifetime", d(self.leaf_lifetime));
+        line("ca-lifetime", d(self.ca_lifetime));
         for endpoint in Endpoint::ALL {
             let p = self.policy.endpoint(endpoint);
             out.push_str(&format!(

@@ -29,6 +29,9 @@ use crate::retry::ExponentialBackoff;
 /// A longer dedup window would replay what LINE itself has forgotten.
 pub const MAX_DEDUP_WINDOW: Duration = LINE_KEY_LIFETIME;
 
+/// A year as the duration syntax spells it (`1year`, 365.25 days).
+const ONE_YEAR: Duration = Duration::from_secs(31_557_600);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -177,9 +180,18 @@ pub struct Config {
     pub proxy_auth: Option<Secret>,
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// A keyed body must arrive whole within it; a streamed body may not pause longer.
+    pub body_timeout: Duration,
+    /// Request bytes buffered at once, across every keyed request and its upstream work.
+    pub buffer_limit: u64,
+    pub admin_max_connections: usize,
     pub handshake_timeout: Duration,
     pub shutdown_grace: Duration,
     pub leaf_lifetime: Duration,
+    /// Lifetime of an intercept CA created by this proxy.
+    pub ca_lifetime: Duration,
     pub policy: Policy,
     /// Kept so SIGHUP can read the file again and merge it under the same flags.
     pub args: ServeArgs,
@@ -316,6 +328,24 @@ impl Config {
             ));
         }
 
+        let body_limit = number(
+            "body-limit",
+            pick(&args.body_limit, file.body_limit.map(|n| n.to_string())),
+            2 * 1024 * 1024,
+            1..=64 * 1024 * 1024,
+        )?;
+        let buffer_limit: u64 = number(
+            "buffer-limit",
+            pick(&args.buffer_limit, file.buffer_limit.map(|n| n.to_string())),
+            64 * 1024 * 1024,
+            64 * 1024..=1 << 40,
+        )?;
+        if buffer_limit < body_limit as u64 {
+            return Err(ConfigError::new(format!(
+                "option `buffer-limit` ({buffer_limit}) must be at least `body-limit` ({body_limit}), or no body that large could ever be buffered"
+            )));
+        }
+
         Ok(Config {
             listen,
             admin_listen,
@@ -335,12 +365,7 @@ impl Config {
             )?,
             store_ca,
             log_format: log_format(pick(&args.log_format, file.log_format))?,
-            body_limit: number(
-                "body-limit",
-                pick(&args.body_limit, file.body_limit.map(|n| n.to_string())),
-                2 * 1024 * 1024,
-                1..=64 * 1024 * 1024,
-            )?,
+            body_limit,
             store_max_bytes: number(
                 "store-max-bytes",
                 pick(
@@ -374,6 +399,28 @@ impl Config {
                 Duration::from_secs(10),
                 Duration::from_millis(10)..=Duration::from_secs(600),
             )?,
+            idle_timeout: duration(
+                "idle-timeout",
+                pick(&args.idle_timeout, file.idle_timeout),
+                Duration::from_secs(60),
+                Duration::from_millis(10)..=Duration::from_secs(3600),
+            )?,
+            body_timeout: duration(
+                "body-timeout",
+                pick(&args.body_timeout, file.body_timeout),
+                Duration::from_secs(10),
+                Duration::from_millis(10)..=Duration::from_secs(600),
+            )?,
+            buffer_limit,
+            admin_max_connections: number(
+                "admin-max-connections",
+                pick(
+                    &args.admin_max_connections,
+                    file.admin_max_connections.map(|n| n.to_string()),
+                ),
+                64,
+                1..=100_000,
+            )?,
             handshake_timeout: duration(
                 "handshake-timeout",
                 pick(&args.handshake_timeout, file.handshake_timeout),
@@ -391,6 +438,12 @@ impl Config {
                 pick(&args.leaf_lifetime, file.leaf_lifetime),
                 Duration::from_secs(24 * 3600),
                 Duration::from_secs(60)..=Duration::from_secs(90 * 24 * 3600),
+            )?,
+            ca_lifetime: duration(
+                "ca-lifetime",
+                pick(&args.ca_lifetime, file.ca_lifetime),
+                ONE_YEAR,
+                Duration::from_secs(24 * 3600)..=10 * ONE_YEAR,
             )?,
             policy,
             args: args.clone(),

@@ -98,15 +98,27 @@ pub struct ServeArgs {
     /// Hosts (host or host:port) tunnelled untouched, comma-separated; `*` admits all [default: api-data.line.me]
     #[arg(long, env = "LINE_RETRY_PROXY_TUNNEL_ALLOW", value_name = "HOSTS")]
     pub tunnel_allow: Option<String>,
-    /// Require Proxy-Authorization: Basic for CONNECT and absolute-form requests (USER:PASSWORD)
+    /// Require Proxy-Authorization: Basic (USER:PASSWORD) on CONNECT and absolute-form requests only: base-URL requests are not covered, as SDKs cannot send it there. Set it in the environment or the file: a flag is visible in `ps`
     #[arg(long, env = "LINE_RETRY_PROXY_PROXY_AUTH", value_name = "USER:PASSWORD", hide_env_values = true, value_parser = secret)]
     pub proxy_auth: Option<Secret>,
     /// Client connections served at once; more wait in the kernel backlog [default: 4096]
     #[arg(long, env = "LINE_RETRY_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<String>,
-    /// Time a client has to send a request head; idle keep-alive connections close after it [default: 10s]
+    /// Time a client has to send a request head, from accept on [default: 10s]
     #[arg(long, env = "LINE_RETRY_PROXY_HEADER_TIMEOUT", value_name = "DUR")]
     pub header_timeout: Option<String>,
+    /// Time a connection (HTTP/1.1 keep-alive or HTTP/2) may sit with no request in flight; PINGs do not count [default: 60s]
+    #[arg(long, env = "LINE_RETRY_PROXY_IDLE_TIMEOUT", value_name = "DUR")]
+    pub idle_timeout: Option<String>,
+    /// Time a client has to send a keyed body, and the longest pause in a streamed body (408) [default: 10s]
+    #[arg(long, env = "LINE_RETRY_PROXY_BODY_TIMEOUT", value_name = "DUR")]
+    pub body_timeout: Option<String>,
+    /// Request bytes buffered at once across all keyed requests, upstream work included; past it 503 [default: 67108864]
+    #[arg(long, env = "LINE_RETRY_PROXY_BUFFER_LIMIT", value_name = "BYTES")]
+    pub buffer_limit: Option<String>,
+    /// Connections to the admin listener at once; more are closed at accept [default: 64]
+    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_MAX_CONNECTIONS", value_name = "N")]
+    pub admin_max_connections: Option<String>,
     /// Time a client has to finish a TLS handshake inside CONNECT [default: 10s]
     #[arg(long, env = "LINE_RETRY_PROXY_HANDSHAKE_TIMEOUT", value_name = "DUR")]
     pub handshake_timeout: Option<String>,
@@ -116,6 +128,9 @@ pub struct ServeArgs {
     /// Lifetime of intercept leaf certificates; renewed at a quarter left [default: 24h]
     #[arg(long, env = "LINE_RETRY_PROXY_LEAF_LIFETIME", value_name = "DUR")]
     pub leaf_lifetime: Option<String>,
+    /// Lifetime of an intercept CA this proxy creates (`ca --renew` makes the next one) [default: 1year]
+    #[arg(long, env = "LINE_RETRY_PROXY_CA_LIFETIME", value_name = "DUR")]
+    pub ca_lifetime: Option<String>,
 }
 
 /// The TOML file: the same names as the flags, in kebab-case, plus per-endpoint tables.
@@ -148,9 +163,14 @@ pub(super) struct FileConfig {
     pub(super) proxy_auth: Option<String>,
     pub(super) max_connections: Option<u32>,
     pub(super) header_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) body_timeout: Option<String>,
+    pub(super) buffer_limit: Option<u64>,
+    pub(super) admin_max_connections: Option<u32>,
     pub(super) handshake_timeout: Option<String>,
     pub(super) shutdown_grace: Option<String>,
     pub(super) leaf_lifetime: Option<String>,
+    pub(super) ca_lifetime: Option<String>,
     #[serde(default)]
     pub(super) endpoints: BTreeMap<String, FileEndpoint>,
 }

@@ -9,7 +9,10 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use http::{Method, Request, Response, Version};
+use std::borrow::Cow;
+
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -17,10 +20,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::authorized;
+use super::idle::{drive, hold, Activity};
 use super::Edge;
 use crate::body::{boxed, BoxFuture, ProxyBody};
 use crate::error::ProxyError;
-use crate::pipeline::{forward, respond};
+use crate::metrics::Limit;
+use crate::pipeline::{classify, forward, respond};
 
 /// A connection's place under `max-connections`. A CONNECT turns the connection into
 /// a tunnel that outlives the HTTP connection, so the tunnel takes the place with it.
@@ -65,6 +70,7 @@ pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            edge.metrics.limit_hit(Limit::MaxConnections);
             tracing::warn!(%peer, limit = edge.limits.max_connections, "connection limit reached, closing new connection");
             continue;
         };
@@ -97,34 +103,45 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _open = edge.metrics.connection();
+    let activity = Activity::default();
     let service_edge = edge.clone();
+    let service_activity = activity.clone();
     let service = service_fn(move |req| {
         let edge = service_edge.clone();
         let front = front.clone();
-        async move { Ok::<_, Infallible>(route(edge, req, front).await) }
+        // In flight until the answer's body is sent or dropped.
+        let busy = service_activity.begin();
+        async move { Ok::<_, Infallible>(route(edge, req, front).await.map(|b| hold(b, busy))) }
     });
     let conn = edge
         .http
         .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        _ = edge.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(err) = result {
-        // Clients vanish mid-request all the time; not worth more than debug.
-        tracing::debug!(error = %err, "connection ended with an error");
-    }
+    drive(
+        Box::pin(conn),
+        &activity,
+        &edge.limits,
+        &edge.shutdown,
+        &edge.metrics,
+    )
+    .await;
 }
 
 async fn route(edge: Arc<Edge>, req: Request<Incoming>, front: Front) -> Response<ProxyBody> {
+    let req = normalize(req);
     match front {
+        Front::Intercepted { .. } if req.method() == Method::CONNECT => respond::error_response(
+            &ProxyError::MethodNotAllowed("CONNECT inside a tunnel to LINE is not allowed"),
+        ),
         Front::Intercepted { .. } => edge.pipeline.handle(req).await,
         Front::Listener { peer, slot } => {
-            if req.method() == Method::CONNECT {
+            if req.method() == Method::CONNECT && req.version() >= Version::HTTP_2 {
+                // Streams of one HTTP/2 connection would share its one place under
+                // max-connections; HTTPS_PROXY clients use HTTP/1.1 CONNECT anyway.
+                edge.metrics.connect_refused();
+                respond::error_response(&ProxyError::MethodNotAllowed(
+                    "CONNECT over HTTP/2 is not supported; use HTTP/1.1",
+                ))
+            } else if req.method() == Method::CONNECT {
                 super::connect::handle(edge, req, peer, slot).await
             } else if req.version() < Version::HTTP_2 && req.uri().authority().is_some() {
                 absolute_form(edge, req).await
@@ -133,6 +150,28 @@ async fn route(edge: Arc<Edge>, req: Request<Incoming>, front: Front) -> Respons
             }
         }
     }
+}
+
+/// The request with its path in the one spelling the pipeline keys, fingerprints and
+/// forwards: escapes of unreserved characters decoded (see [`classify::normalize_path`]).
+fn normalize(mut req: Request<Incoming>) -> Request<Incoming> {
+    let path = req.uri().path();
+    let Cow::Owned(path) = classify::normalize_path(path) else {
+        return req;
+    };
+    let target = match req.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    match PathAndQuery::try_from(target) {
+        Ok(normalized) => parts.path_and_query = Some(normalized),
+        Err(_) => return req,
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    req
 }
 
 /// A plain HTTP proxy request: `POST http://api.line.me/v2/bot/message/push`.

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod connect;
+pub mod idle;
 pub mod intercept;
 pub mod listener;
 
@@ -25,10 +26,17 @@ use intercept::leaf::LeafCache;
 /// What the edge holds the outside world to.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Client connections served at once; more are closed at accept.
+    /// Client connections served at once; more are closed at accept. Each CONNECT
+    /// tunnel keeps the place of the connection that opened it.
     pub max_connections: usize,
-    /// Time a client has to send a request head.
+    /// Connections to the admin port at once: a flood there cannot take the
+    /// descriptors the proxy port needs.
+    pub admin_max_connections: usize,
+    /// Time a client has to send its first request head, from accept (or from the end
+    /// of the TLS handshake inside a tunnel).
     pub header_timeout: Duration,
+    /// Time a connection may have no request in flight before it is closed.
+    pub idle_timeout: Duration,
     /// Time a client has to finish a TLS handshake inside CONNECT.
     pub handshake_timeout: Duration,
 }

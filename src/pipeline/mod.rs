@@ -39,7 +39,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::config::{EndpointPolicy, Policy};
 use crate::domain::{Answer, Endpoint, Outcome, RetryKey, RETRY_KEY_HEADER};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{InFlight, Metrics};
 use crate::retry::RetryBudget;
 use crate::store::{Claim, ClaimRequest, Store, Ticket};
 use crate::upstream::Upstream;
@@ -79,8 +79,8 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Upstream work runs in tasks of its own, tracked so shutdown can wait for them.
     pub tasks: TaskTracker,
-    /// The largest keyed body buffered (phase 2).
-    pub body_limit: usize,
+    /// How bodies are read: size, time, and the proxy-wide byte budget (phase 2).
+    pub intake: read::Intake,
     /// Fingerprint JSON bodies in canonical form (phase 3).
     pub canonical_json: bool,
     settings: RwLock<Arc<Settings>>,
@@ -93,7 +93,7 @@ impl Pipeline {
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
         policy: Policy,
-        body_limit: usize,
+        intake: read::Intake,
         canonical_json: bool,
     ) -> Self {
         Pipeline {
@@ -101,7 +101,7 @@ impl Pipeline {
             upstream,
             metrics,
             tasks: TaskTracker::new(),
-            body_limit,
+            intake,
             canonical_json,
             settings: RwLock::new(Arc::new(Settings::new(policy))),
             clock: Arc::new(SystemTime::now),
@@ -139,7 +139,7 @@ impl Pipeline {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let _in_flight = self.metrics.in_flight();
+        let in_flight = self.metrics.in_flight_shared();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let route = classify::classify(&method, &path);
@@ -156,7 +156,7 @@ impl Pipeline {
         let exchange = match route {
             Route::Keyed(endpoint) => {
                 span.record("endpoint", endpoint.name());
-                self.keyed(endpoint, req).instrument(span).await
+                self.keyed(endpoint, req, &in_flight).instrument(span).await
             }
             Route::Passthrough => match forward::to_line(self, req).instrument(span).await {
                 Ok(response) => Exchange {
@@ -187,14 +187,19 @@ impl Pipeline {
         exchange.response
     }
 
-    async fn keyed<B>(self: &Arc<Self>, endpoint: Endpoint, req: Request<B>) -> Exchange
+    async fn keyed<B>(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        req: Request<B>,
+        in_flight: &InFlight,
+    ) -> Exchange
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let (parts, body) = req.into_parts();
-        let body = match read::body(body, &parts.headers, self.body_limit).await {
-            Ok(body) => body,
+        let (body, charge) = match read::body(body, &parts.headers, &self.intake).await {
+            Ok(read) => read,
             Err(err) => return Exchange::failed(Some(endpoint), &err),
         };
         let settings = self.settings();
@@ -255,8 +260,9 @@ impl Pipeline {
                 Ok(Claim::Owner { ticket, first_seen }) => {
                     let key = key_for(first_seen);
                     let out = outbound(&key);
+                    let held = (in_flight.clone(), charge);
                     return self
-                        .own(settings, endpoint, policy, key, out, Some(ticket))
+                        .own(settings, endpoint, policy, key, out, Some(ticket), held)
                         .await;
                 }
                 Err(err) => {
@@ -269,11 +275,15 @@ impl Pipeline {
         }
         let key = key_for(now);
         let out = outbound(&key);
-        self.own(settings, endpoint, policy, key, out, None).await
+        let held = (in_flight.clone(), charge);
+        self.own(settings, endpoint, policy, key, out, None, held)
+            .await
     }
 
     /// Phases 6–7 in a task of their own: a bot that disconnects does not cancel the
-    /// upstream work, so its resend finds the result.
+    /// upstream work, so its resend finds the result. The task holds the request's place
+    /// in the in-flight gauge and its body's share of `buffer-limit` until it ends.
+    #[allow(clippy::too_many_arguments)]
     async fn own(
         self: &Arc<Self>,
         settings: Arc<Settings>,
@@ -282,6 +292,7 @@ impl Pipeline {
         key: RetryKey,
         out: send::Outbound,
         ticket: Option<Box<dyn Ticket>>,
+        held: (InFlight, read::Charge),
     ) -> Exchange {
         tracing::Span::current().record("key", tracing::field::display(&key));
         if key.is_derived() {
@@ -294,6 +305,7 @@ impl Pipeline {
         // Boxed to a plain `'static` future at once: left to `spawn`'s generic bound,
         // the compiler loses the body error's lifetime in the `Send` check.
         let work: crate::body::BoxFuture<'static, ()> = Box::pin(async move {
+            let _held = held;
             let sender = send::Sender {
                 upstream: pipeline.upstream.as_ref(),
                 policy: &settings.policy.retry,

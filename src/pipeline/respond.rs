@@ -37,6 +37,9 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
         headers.insert(name, value);
     }
     headers.insert(OUTCOME_HEADER, Outcome::Error.header_value());
+    if err.closes_connection() {
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if matches!(err, ProxyError::ProxyAuthRequired) {
         headers.insert(
             http::header::PROXY_AUTHENTICATE,

@@ -1,9 +1,14 @@
 //! The intercept CA: loaded from `--ca-dir` (`ca.pem`, `ca.key`) or created there on
 //! first use. It signs a short-lived leaf, with a key of its own, per intercepted host.
 //!
-//! Whoever holds `ca.key` can impersonate any site to a process that trusts `ca.pem`,
-//! so the key is created 0600 from its first byte, and a key file that others can read
-//! or anyone but its owner can write is refused.
+//! Whoever holds `ca.key` could impersonate any site to a process that trusts
+//! `ca.pem`, so a CA made here is limited twice: a name constraint names the intercept
+//! hosts as the only names it may sign for (clients that verify with webpki, OpenSSL,
+//! Go or Node refuse any other leaf it signs), and it lives a year by default
+//! (`ca-lifetime`), to be replaced with `line-retry-proxy ca --renew`. The key is
+//! created 0600 from its first byte, and a key file that others can read or anyone but
+//! its owner can write is refused. A CA made before (without a constraint, or by the
+//! operator) is loaded as it is and keeps working.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -12,8 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, Ia5String,
-    IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, Certificate, CertificateParams, CidrSubnet, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, Ia5String, IsCa, KeyPair, KeyUsagePurpose, NameConstraints, SanType,
+    SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::{ring, SecureRandom};
@@ -22,7 +28,8 @@ use rustls::sign::CertifiedKey;
 
 pub(super) const CERT_FILE: &str = "ca.pem";
 pub(super) const KEY_FILE: &str = "ca.key";
-const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The default lifetime of a CA made here: a year (as `1year` spells it, 365.25 days).
+pub const DEFAULT_CA_LIFETIME: Duration = Duration::from_secs(31_557_600);
 /// Clocks disagree; a certificate valid only from "now" fails on a bot running behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 /// 9999-12-31T23:59:59Z, the last instant X.509 can encode; later ones panic in `time`.
@@ -49,12 +56,36 @@ pub enum CaError {
     InvalidHost(String),
     #[error("invalid leaf lifetime {0:?}: must be positive and end before the year 10000")]
     InvalidLifetime(Duration),
+    #[error("{0} is writable by other users (mode {1:o}): run `chmod o-w {0}`; whoever can write there can put in a CA of their own")]
+    DirWritable(PathBuf, u32),
+    #[error("{0} is in a directory others can write to and belongs to another user")]
+    ForeignKey(PathBuf),
+    #[error("the intercept CA may not sign for {0} (its name constraints): make a new one with `line-retry-proxy ca --renew --intercept-hosts …`")]
+    OutsideConstraints(String),
     #[error("the system random number generator failed")]
     Random,
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+/// What a CA created here is made for.
+#[derive(Debug, Clone)]
+pub struct CaPlan {
+    /// The only names it may sign for (its name constraint): the intercept hosts.
+    pub hosts: Vec<String>,
+    /// From now (less an hour for clock skew) to its end.
+    pub lifetime: Duration,
+}
+
+impl Default for CaPlan {
+    fn default() -> Self {
+        CaPlan {
+            hosts: vec!["api.line.me".to_owned()],
+            lifetime: DEFAULT_CA_LIFETIME,
+        }
+    }
 }
 
 pub struct CertificateAuthority {
@@ -65,6 +96,9 @@ pub struct CertificateAuthority {
     issuer: Certificate,
     pub(super) key: KeyPair,
     random: &'static dyn SecureRandom,
+    /// The names it may sign for; `None`: any (a CA made before constraints, or elsewhere).
+    permitted: Option<Vec<GeneralSubtree>>,
+    not_after: SystemTime,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -99,11 +133,27 @@ impl CertificateAuthority {
             .unwrap_or_else(|_| Err(invalid(cert_from, "a certificate the parser cannot handle")))
     }
 
-    /// A new CA held in memory only.
-    pub fn generate() -> Result<Self, CaError> {
+    /// A new CA held in memory only, constrained to `plan.hosts`.
+    pub fn generate(plan: &CaPlan) -> Result<Self, CaError> {
         let random = ring::default_provider().secure_random;
+        let permitted = plan
+            .hosts
+            .iter()
+            .map(|h| subtree(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let now = whole_seconds(SystemTime::now());
+        let not_after = now
+            .checked_add(plan.lifetime)
+            .filter(|t| {
+                !plan.lifetime.is_zero() && *t <= UNIX_EPOCH + Duration::from_secs(LAST_X509_SECOND)
+            })
+            .ok_or(CaError::InvalidLifetime(plan.lifetime))?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
+        params.name_constraints = Some(NameConstraints {
+            permitted_subtrees: permitted.clone(),
+            excluded_subtrees: Vec::new(),
+        });
         let name = &mut params.distinguished_name;
         name.push(DnType::CommonName, "line-retry-proxy intercept CA");
         name.push(DnType::OrganizationName, "line-retry-proxy");
@@ -113,9 +163,8 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = whole_seconds(SystemTime::now());
         params.not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now).into();
-        params.not_after = (now + CA_VALIDITY).into();
+        params.not_after = not_after.into();
         params.serial_number = Some(serial(random)?);
         let issuer = params.self_signed(&key)?;
         let cert_der = issuer.der().clone();
@@ -125,7 +174,44 @@ impl CertificateAuthority {
             issuer,
             key,
             random,
+            permitted: Some(permitted),
+            not_after,
         })
+    }
+
+    /// Whether leaves this CA signs for `host` pass its name constraints.
+    pub fn permits(&self, host: &str) -> bool {
+        let Some(permitted) = &self.permitted else {
+            return true;
+        };
+        let bare = host.trim_matches(['[', ']']).trim_end_matches('.');
+        let ip = bare.parse::<IpAddr>().ok();
+        permitted.iter().any(|subtree| match (subtree, ip) {
+            (GeneralSubtree::DnsName(name), None) => {
+                let name = name.trim_start_matches('.');
+                bare.eq_ignore_ascii_case(name)
+                    || bare.len() > name.len()
+                        && bare.as_bytes()[bare.len() - name.len() - 1] == b'.'
+                        && bare[bare.len() - name.len()..].eq_ignore_ascii_case(name)
+            }
+            (GeneralSubtree::IpAddress(CidrSubnet::V4(net, mask)), Some(IpAddr::V4(ip))) => {
+                ip.octets().iter().zip(mask).map(|(b, m)| b & m).eq(*net)
+            }
+            (GeneralSubtree::IpAddress(CidrSubnet::V6(net, mask)), Some(IpAddr::V6(ip))) => {
+                ip.octets().iter().zip(mask).map(|(b, m)| b & m).eq(*net)
+            }
+            _ => false,
+        })
+    }
+
+    /// Whether the CA carries a name constraint at all.
+    pub fn is_constrained(&self) -> bool {
+        self.permitted.is_some()
+    }
+
+    /// The end of the CA's validity: renew before it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 
     fn build(
@@ -149,6 +235,11 @@ impl CertificateAuthority {
         if params.not_after < now || params.not_before > now {
             return Err(invalid(cert_from, "expired or not yet valid"));
         }
+        let permitted = params
+            .name_constraints
+            .as_ref()
+            .map(|c| c.permitted_subtrees.clone());
+        let not_after = params.not_after.into();
         if !keys_match(&cert_der, &key) {
             let (cert, key) = (cert_from.to_owned(), key_from.to_owned());
             return Err(CaError::KeyMismatch { cert, key });
@@ -159,6 +250,8 @@ impl CertificateAuthority {
             cert_der,
             key,
             random: ring::default_provider().secure_random,
+            permitted,
+            not_after,
         };
         ca.self_check().map_err(|e| {
             let why = "repeated or multi-valued name attributes are not supported";
@@ -173,7 +266,18 @@ impl CertificateAuthority {
     /// `issuer` is a re-encoding of the subject, and rcgen cannot reproduce every
     /// subject exactly; leaves naming a different issuer would fail every handshake.
     fn self_check(&self) -> Result<(), CaError> {
-        let probe = self.issue_leaf("probe.invalid", CLOCK_SKEW)?;
+        // A name the CA may sign for, so that its own constraints do not fail the probe.
+        let host = match self.permitted.as_deref().and_then(<[_]>::first) {
+            Some(GeneralSubtree::DnsName(name)) => name.trim_start_matches('.').to_owned(),
+            Some(GeneralSubtree::IpAddress(CidrSubnet::V4(net, _))) => {
+                std::net::Ipv4Addr::from(*net).to_string()
+            }
+            Some(GeneralSubtree::IpAddress(CidrSubnet::V6(net, _))) => {
+                std::net::Ipv6Addr::from(*net).to_string()
+            }
+            _ => "probe.invalid".to_owned(),
+        };
+        let probe = self.issue_leaf(&host, CLOCK_SKEW)?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert_der.clone())?;
         let leaf = rustls::server::ParsedCertificate::try_from(&probe.chain[0])?;
@@ -258,6 +362,19 @@ fn subject_alt_name(host: &str) -> Result<(SanType, String), CaError> {
     Ok((SanType::DnsName(dns), host.to_owned()))
 }
 
+/// The name constraint entry for one intercept host: the host and its subdomains, or
+/// exactly that address.
+fn subtree(host: &str) -> Result<GeneralSubtree, CaError> {
+    let (san, _) = subject_alt_name(host.trim_end_matches('.'))?;
+    Ok(match san {
+        SanType::IpAddress(ip @ IpAddr::V4(_)) => {
+            GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(ip, 32))
+        }
+        SanType::IpAddress(ip) => GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(ip, 128)),
+        _ => GeneralSubtree::DnsName(host.trim_end_matches('.').to_ascii_lowercase()),
+    })
+}
+
 /// Error texts are our own: a parser's could quote bytes of the key.
 fn parse_key(pem: &str) -> Result<KeyPair, &'static str> {
     match rustls_pemfile::private_key(&mut pem.as_bytes()) {
@@ -318,8 +435,8 @@ mod tests {
     #[test]
     fn operator_material_is_validated() {
         let (a, b) = (
-            CertificateAuthority::generate().unwrap(),
-            CertificateAuthority::generate().unwrap(),
+            CertificateAuthority::generate(&CaPlan::default()).unwrap(),
+            CertificateAuthority::generate(&CaPlan::default()).unwrap(),
         );
         let a_key = a.key.serialize_pem();
         assert!(CertificateAuthority::from_pem(a.cert_pem(), &a_key).is_ok());
@@ -360,12 +477,65 @@ mod tests {
         name.push(DnType::CommonName, printable("Ops CA"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let cert = params.self_signed(&key).unwrap();
-        CertificateAuthority::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
+        let ca = CertificateAuthority::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
+        assert!(!ca.is_constrained() && ca.permits("anything.test"));
+    }
+
+    fn verify(ca: &CertificateAuthority, host: &str) -> Result<(), rustls::Error> {
+        let leaf = ca.issue_leaf(host, Duration::from_secs(3600)).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let parsed = rustls::server::ParsedCertificate::try_from(&leaf.chain[0]).unwrap();
+        let algs = ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        verify_server_cert_signed_by_trust_anchor(&parsed, &roots, &[], UnixTime::now(), algs)
+    }
+
+    #[test]
+    fn a_new_ca_signs_only_for_the_intercept_hosts_and_lives_a_year() {
+        let plan = CaPlan {
+            hosts: vec!["api.line.me".into(), "127.0.0.1".into()],
+            ..CaPlan::default()
+        };
+        let ca = CertificateAuthority::generate(&plan).unwrap();
+        verify(&ca, "api.line.me").unwrap();
+        verify(&ca, "127.0.0.1").unwrap();
+        for other in [
+            "example.com",
+            "api.line.me.evil.test",
+            "line.me",
+            "127.0.0.2",
+        ] {
+            let err = verify(&ca, other).unwrap_err();
+            assert!(
+                format!("{err:?}").contains("NameConstraint"),
+                "{other}: {err:?}"
+            );
+            assert!(!ca.permits(other), "{other}");
+        }
+        assert!(
+            ca.permits("API.LINE.ME") && ca.permits("x.api.line.me") && ca.permits("127.0.0.1")
+        );
+        let life = ca.not_after().duration_since(SystemTime::now()).unwrap();
+        assert!(
+            life <= DEFAULT_CA_LIFETIME && life > DEFAULT_CA_LIFETIME - Duration::from_secs(60)
+        );
+        // Loaded again, the constraint is read back, not lost.
+        let loaded =
+            CertificateAuthority::from_pem(ca.cert_pem(), &ca.key.serialize_pem()).unwrap();
+        assert!(loaded.is_constrained() && !loaded.permits("example.com"));
     }
 
     #[test]
     fn leaves_have_their_own_key_and_chain_to_the_ca() {
-        let ca = CertificateAuthority::generate().unwrap();
+        let plan = CaPlan {
+            hosts: ["api.line.me", "127.0.0.1", "::1", "x_y.test", "example"]
+                .map(String::from)
+                .to_vec(),
+            ..CaPlan::default()
+        };
+        let ca = CertificateAuthority::generate(&plan).unwrap();
         let hour = Duration::from_secs(3600);
         let before = SystemTime::now();
         let a = ca.issue_leaf("api.line.me", hour).unwrap();
@@ -382,7 +552,7 @@ mod tests {
 
     #[test]
     fn bad_hosts_and_lifetimes_are_errors_not_panics() {
-        let ca = CertificateAuthority::generate().unwrap();
+        let ca = CertificateAuthority::generate(&CaPlan::default()).unwrap();
         let hour = Duration::from_secs(3600);
         for host in [
             "",

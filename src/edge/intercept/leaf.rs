@@ -115,12 +115,19 @@ fn normalize(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::intercept::ca::CaPlan;
     use rustls::pki_types::ServerName;
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     fn cache(max_hosts: u64) -> LeafCache {
-        let ca = CertificateAuthority::generate().unwrap();
+        let plan = CaPlan {
+            hosts: ["api.line.me", "api-data.line.me", "127.0.0.1", "::1"]
+                .map(String::from)
+                .to_vec(),
+            ..CaPlan::default()
+        };
+        let ca = CertificateAuthority::generate(&plan).unwrap();
         LeafCache::new(Arc::new(ca), DAY, max_hosts)
     }
 
