@@ -552,3 +552,19 @@ async fn pttl(server: &RedisServer, kind: u8, fp: u8) -> i64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("PTTL: {text}"))
 }
+
+/// What a scrape shows of a Redis store: its keys, its used memory and its bound.
+#[tokio::test]
+async fn the_metrics_show_keys_used_memory_and_maxmemory() {
+    redis_or_skip!("the_metrics_show_keys_used_memory_and_maxmemory");
+    let server = RedisServer::start_with(&["--save", "", "--maxmemory", "64mb"]).await;
+    let store = store(&server, 0).await;
+    let (ticket, _) = owner(claim(&store, 1).await);
+    ticket.settle(answer("kept"), true).await.unwrap();
+    store.refresh().await;
+    let stats = store.stats();
+    assert_eq!(stats.entries, 1, "{stats:?}");
+    assert!(stats.bytes > 0, "{stats:?}");
+    assert_eq!(stats.max_bytes, 64 << 20, "{stats:?}");
+    assert!(stats.up);
+}

@@ -111,9 +111,11 @@ struct Shared {
     delete_if_held: Script,
     /// Claims held by sends of this process.
     claims: AtomicU64,
-    /// As of the last refresh: keys in the store's database, and Redis's used memory.
+    /// As of the last refresh: keys in the store's database, Redis's used memory and
+    /// its maxmemory (0: none).
     entries: AtomicU64,
     bytes: AtomicU64,
+    max_bytes: AtomicU64,
     /// Scrubbed from every error text, should a server ever echo it.
     password: Option<String>,
 }
@@ -144,6 +146,7 @@ impl RedisStore {
             claims: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            max_bytes: AtomicU64::new(0),
             password: options.password.filter(|p| !p.is_empty()),
         });
         let stop = CancellationToken::new();
@@ -354,12 +357,16 @@ impl Shared {
             .await
         {
             self.entries.store(keys, Ordering::Relaxed);
-            let used = info
-                .lines()
-                .find_map(|l| l.strip_prefix("used_memory:"))
-                .and_then(|n| n.trim().parse().ok());
-            if let Some(used) = used {
+            let field = |name: &str| -> Option<u64> {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                    .and_then(|n| n.trim().parse().ok())
+            };
+            if let Some(used) = field("used_memory") {
                 self.bytes.store(used, Ordering::Relaxed);
+            }
+            if let Some(max) = field("maxmemory") {
+                self.max_bytes.store(max, Ordering::Relaxed);
             }
         }
     }
@@ -374,6 +381,7 @@ impl Store for RedisStore {
         StoreStats {
             entries: self.shared.entries.load(Ordering::Relaxed),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
+            max_bytes: self.shared.max_bytes.load(Ordering::Relaxed),
             claims: self.shared.claims.load(Ordering::Relaxed),
             up: self.shared.health.is_up(),
         }
