@@ -111,6 +111,8 @@ async fn coalescing_holds_while_the_store_is_full() {
     let proxy = Proxy::start(
         &mock,
         &[
+            // The memory store's own bound, whatever store the suite runs on.
+            "--store=memory",
             "--store-max-bytes=1048576",
             "--attempt-timeout=300s",
             "--request-deadline=300s",
