@@ -6,12 +6,16 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-COPY scripts ./scripts
-RUN scripts/build-release.sh /out
+# Cargo.toml declares the benchmark target: without its file the manifest does not parse.
+COPY benches ./benches
+COPY scripts/build-release.sh ./scripts/
+# Built into the work directory (not /out): scripts/replay-dockerfile.py replays this
+# stage in a temporary root in CI and follows only paths relative to WORKDIR.
+RUN scripts/build-release.sh dist
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /out/line-retry-proxy /usr/local/bin/line-retry-proxy
-COPY --from=build --chown=65532:65532 /out/data /var/lib/line-retry-proxy
+COPY --from=build /src/dist/line-retry-proxy /usr/local/bin/line-retry-proxy
+COPY --from=build --chown=65532:65532 /src/dist/data /var/lib/line-retry-proxy
 # The intercept CA lives here: mount a volume to keep it across restarts and to
 # share ca.pem with the bot container.
 ENV LINE_RETRY_PROXY_CA_DIR=/var/lib/line-retry-proxy/ca

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${1:-dist}"
 cargo build --release --locked --bin line-retry-proxy
-install -D -m 0755 target/release/line-retry-proxy "$dest/line-retry-proxy"
+# CARGO_TARGET_DIR lets a caller share a warm target directory (the Dockerfile replay does).
+install -D -m 0755 "${CARGO_TARGET_DIR:-target}/release/line-retry-proxy" "$dest/line-retry-proxy"
 # The runtime image has no shell: pre-create the CA data directory owned by the
 # non-root user (uid 65532) so the volume is writable.
 mkdir -p "$dest/data/ca"

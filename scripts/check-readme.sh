@@ -13,6 +13,8 @@ shown() {
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
+# Compile first: the bounded wait below is for the proxy's start, not for the compiler.
+cargo build --release --locked --bin line-retry-proxy
 run='cargo run --release -- --config config/line-retry-proxy.toml'
 shown "$run"
 LINE_RETRY_PROXY_LISTEN=127.0.0.1:0 LINE_RETRY_PROXY_ADMIN_LISTEN=127.0.0.1:0 \
@@ -29,23 +31,36 @@ admin=$(sed -E 's/.*"admin":"([^"]+)".*/\1/' <<<"$ready")
 echo "check-readme: proxy running, admin on $admin"
 
 shown 'cargo run --release -- stats'
-LINE_RETRY_PROXY_ADMIN_LISTEN="$admin" cargo run -q --release -- stats | grep -q '^keys injected'
+LINE_RETRY_PROXY_ADMIN_LISTEN="$admin" cargo run -q --release -- stats | grep '^keys injected' >/dev/null
 
 shown 'curl -s 127.0.0.1:9090/metrics | grep keys_injected'
-curl -s "$admin/metrics" | grep -q keys_injected
+curl -s "$admin/metrics" | grep keys_injected >/dev/null
 
 bin=target/release/line-retry-proxy
 shown 'line-retry-proxy ca --ca-dir ./ca > line-retry-proxy-ca.pem'
 (cd "$work" && "$OLDPWD/$bin" ca --ca-dir ./ca > line-retry-proxy-ca.pem && grep -q 'BEGIN CERTIFICATE' line-retry-proxy-ca.pem)
 cmp -s "$work/ca/ca.pem" "$work/line-retry-proxy-ca.pem" || { echo "check-readme: ca printed another CA than the running proxy's" >&2; exit 1; }
 
+shown 'line-retry-proxy ca --ca-dir ./ca --bundle > bundle.pem'
+if "$bin" ca --help | grep -- '--bundle' >/dev/null; then
+  (cd "$work" && "$OLDPWD/$bin" ca --ca-dir ./ca --bundle > bundle.pem)
+  # The system roots and the running proxy's CA, whole.
+  [ "$(grep -c 'BEGIN CERTIFICATE' "$work/bundle.pem")" -gt 1 ] || { echo "check-readme: ca --bundle printed no system roots" >&2; exit 1; }
+  [[ "$(tr -d '\r\n' < "$work/bundle.pem")" == *"$(tr -d '\r\n' < "$work/ca/ca.pem")"* ]] || { echo "check-readme: ca --bundle lacks the proxy's CA" >&2; exit 1; }
+  bundle=", ca --bundle"
+else
+  echo "check-readme: ca --bundle not run: this binary has no --bundle option yet" >&2
+  bundle=""
+fi
+
+shown 'cargo install --path . --locked'
 shown 'line-retry-proxy ca --renew --ca-dir ./ca > bundle.pem'
 (cd "$work" && "$OLDPWD/$bin" ca --renew --ca-dir ./ca > bundle.pem 2>/dev/null)
 [ "$(grep -c 'BEGIN CERTIFICATE' "$work/bundle.pem")" -eq 2 ] || { echo "check-readme: ca --renew did not print the new and the old certificate" >&2; exit 1; }
 cmp -s "$work/ca/ca-previous.pem" "$work/line-retry-proxy-ca.pem" || { echo "check-readme: ca --renew did not keep the old certificate" >&2; exit 1; }
 
 shown 'line-retry-proxy check-config --config config/line-retry-proxy.toml'
-"$bin" check-config --config config/line-retry-proxy.toml | grep -q '^max-attempts = 4'
+"$bin" check-config --config config/line-retry-proxy.toml | grep '^max-attempts = 4' >/dev/null
 
 shown 'kill -HUP <pid>'
 kill -HUP "$pid"
@@ -55,4 +70,4 @@ grep -q 'configuration reloaded' "$work/log"
 kill -TERM "$pid"
 wait "$pid" && code=0 || code=$?
 [ "$code" -eq 0 ] || { echo "check-readme: exit $code after SIGTERM" >&2; exit 1; }
-echo "check-readme: ok (run, stats, metrics, ca, ca --renew, check-config, SIGHUP, SIGTERM)"
+echo "check-readme: ok (run, stats, metrics, ca${bundle}, ca --renew, check-config, SIGHUP, SIGTERM)"

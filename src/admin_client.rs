@@ -115,9 +115,9 @@ pub fn stats_table(metrics: &str) -> String {
     ];
     let _ = writeln!(
         out,
-        "{:<11} {}",
+        "{:<11}{}",
         "endpoint",
-        outcomes.map(|o| format!("{o:>17}")).join("")
+        outcomes.map(|o| format!(" {o:>17}")).join("")
     );
     for endpoint in ["push", "multicast", "narrowcast", "broadcast", "other"] {
         let row: String = outcomes
@@ -132,10 +132,10 @@ pub fn stats_table(metrics: &str) -> String {
                     })
                     .map(|s| s.value)
                     .sum();
-                format!("{n:>17}")
+                format!(" {n:>17}")
             })
             .collect();
-        let _ = writeln!(out, "{endpoint:<11} {row}");
+        let _ = writeln!(out, "{endpoint:<11}{row}");
     }
     let _ = writeln!(out);
     let lines = [
@@ -161,6 +161,7 @@ pub fn stats_table(metrics: &str) -> String {
             value("line_retry_proxy_retry_budget_exhausted_total"),
         ),
         ("in flight", value("line_retry_proxy_in_flight_requests")),
+        ("store up", value("line_retry_proxy_store_up")),
         ("store entries", value("line_retry_proxy_store_entries")),
         ("store bytes", value("line_retry_proxy_store_bytes")),
         ("store errors", value("line_retry_proxy_store_errors_total")),
@@ -215,6 +216,25 @@ mod tests {
         );
         assert!(table.contains("keys injected            3"), "{table}");
         assert!(table.contains("timeout=4"), "{table}");
+    }
+
+    #[test]
+    fn column_headers_stay_apart() {
+        let table = stats_table("");
+        let header = table.lines().next().unwrap();
+        let columns: Vec<_> = header.split_whitespace().collect();
+        assert_eq!(
+            columns,
+            [
+                "endpoint",
+                "fresh",
+                "replayed",
+                "coalesced",
+                "conflict_resolved",
+                "passthrough",
+                "error"
+            ]
+        );
     }
 
     #[test]

@@ -305,6 +305,12 @@ pub struct StoreStats {
     pub entries: u64,
     /// Bytes those answers weigh against the store's bound.
     pub bytes: u64,
+    /// The bound `bytes` is held to; 0 when there is none (a Redis without
+    /// `maxmemory`).
+    pub max_bytes: u64,
     /// Claims held by requests in flight now.
     pub claims: u64,
+    /// Whether the store is serving. A shared store may be unreachable, and the
+    /// proxy then sends without it.
+    pub up: bool,
 }

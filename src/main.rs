@@ -265,6 +265,8 @@ async fn reload_on_sighup(app: Arc<App>) {
                     || next.upstream.to_string() != app.config.upstream.to_string()
                     || next.ca_dir != app.config.ca_dir
                     || next.store != app.config.store
+                    || next.store_timeout != app.config.store_timeout
+                    || next.store_ca != app.config.store_ca
                     || next.canonical_json != app.config.canonical_json
                     || next.body_limit != app.config.body_limit
                     || next.proxy_auth != app.config.proxy_auth;

@@ -326,7 +326,7 @@ impl Metrics {
         gauge(
             o,
             "line_retry_proxy_store_entries",
-            "Answers kept by the store for replay.",
+            "Answers kept by the store for replay (Redis: keys in its database).",
             store.entries as i64,
         );
         gauge(
@@ -338,8 +338,20 @@ impl Metrics {
         gauge(
             o,
             "line_retry_proxy_store_bytes",
-            "Bytes held by the store, as weighed for its bound.",
+            "Bytes held by the store, as weighed for its bound (Redis: its used_memory).",
             store.bytes as i64,
+        );
+        gauge(
+            o,
+            "line_retry_proxy_store_max_bytes",
+            "The bound of store_bytes: store-max-bytes (Redis: its maxmemory; 0 if none).",
+            store.max_bytes as i64,
+        );
+        gauge(
+            o,
+            "line_retry_proxy_store_up",
+            "1 while the store serves; 0 while sends go without it (a shared store unreachable).",
+            i64::from(store.up),
         );
         counter(
             o,
@@ -465,7 +477,9 @@ mod tests {
             StoreStats {
                 entries: 2,
                 bytes: 300,
+                max_bytes: 1000,
                 claims: 0,
+                up: true,
             },
             1,
         );
@@ -479,6 +493,8 @@ mod tests {
             "line_retry_proxy_upstream_latency_seconds_bucket{endpoint=\"push\",le=\"0.05\"} 2"
         ));
         assert!(text.contains("line_retry_proxy_store_bytes 300"));
+        assert!(text.contains("line_retry_proxy_store_max_bytes 1000"));
+        assert!(text.contains("line_retry_proxy_store_up 1"));
         assert!(text.contains("line_retry_proxy_in_flight_requests 0"));
     }
 }

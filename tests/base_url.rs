@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::mock_line::{Fault, MockLine};
-use support::proxy::{post, push, push_body, send, Proxy, TOKEN};
+use support::proxy::{post, push, push_body, send, Proxy, ANSWER_LIMIT, TOKEN};
+use support::tunnel::read_to_close;
+use support::within;
 
 const PUSH: &str = "/v2/bot/message/push";
 
@@ -284,70 +286,75 @@ async fn unreachable_upstream_is_a_502_after_bounded_attempts() {
     );
 }
 
+/// Five identical pushes at once: the first is sent, the other four wait for its
+/// answer. The mock holds the upstream request until all five are inside the proxy,
+/// so the outcome counts are exact, not a matter of timing.
 #[tokio::test]
 async fn identical_concurrent_requests_are_coalesced() {
     let mock = MockLine::start().await;
-    mock.script([Fault::Delay(Duration::from_millis(400))]);
     let proxy = Proxy::start(&mock, &[]).await;
+    let hold = mock.hold();
     let body = push_body("same");
-    let replies = futures_join(5, || push(&proxy, &body)).await;
-    assert_eq!(mock.requests().len(), 1);
-    assert_eq!(mock.delivered_count(), 1);
-    let mut outcomes: Vec<_> = replies.iter().map(|r| r.outcome().to_owned()).collect();
-    outcomes.sort();
-    assert_eq!(outcomes[4], "fresh");
-    assert!(
-        outcomes[..4]
-            .iter()
-            .all(|o| o == "coalesced" || o == "replayed"),
-        "{outcomes:?}"
-    );
-    assert!(replies.iter().all(|r| r.body == replies[0].body));
-}
-
-async fn futures_join<F, Fut, T>(n: usize, make: F) -> Vec<T>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = T>,
-{
-    let mut set = Vec::new();
-    for _ in 0..n {
-        set.push(make());
-    }
-    let mut out = Vec::new();
-    // Polled together in one task, so all requests are in flight at once.
-    let mut pinned: Vec<_> = set.into_iter().map(Box::pin).collect();
-    let mut done: Vec<Option<T>> = (0..n).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (slot, fut) in done.iter_mut().zip(pinned.iter_mut()) {
-            if slot.is_none() {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
+    let replies = tokio::spawn({
+        let url = proxy.url(PUSH);
+        async move {
+            let sends = (0..5).map(|_| {
+                let (url, body) = (url.clone(), body.clone());
+                tokio::spawn(async move {
+                    send(Method::POST, &url, &[("authorization", TOKEN)], body).await
+                })
+            });
+            let mut replies = Vec::new();
+            for reply in sends.collect::<Vec<_>>() {
+                replies.push(reply.await.expect("the bot's task"));
             }
+            replies
         }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.extend(done.into_iter().map(|v| v.expect("all done")));
-    out
+    });
+    mock.wait_held(1).await;
+    proxy
+        .wait_metric("line_retry_proxy_in_flight_requests", |v| v >= 5.0)
+        .await;
+    hold.release();
+    let replies = within(ANSWER_LIMIT, "all five bots were answered", replies)
+        .await
+        .unwrap();
+
+    assert_eq!(mock.requests().len(), 1, "one request reached LINE");
+    assert_eq!(mock.delivered_count(), 1);
+    let count = |o: &str| replies.iter().filter(|r| r.outcome() == o).count();
+    let outcomes: Vec<_> = replies.iter().map(|r| r.outcome().to_owned()).collect();
+    assert_eq!(count("fresh"), 1, "{outcomes:?}");
+    assert_eq!(count("coalesced"), 4, "{outcomes:?}");
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, replies[0].body, "one answer for all");
+        assert_eq!(
+            reply.header("x-line-request-id"),
+            mock.deliveries()[0].request_id
+        );
+    }
+    assert_eq!(
+        proxy
+            .metric("line_retry_proxy_requests_total{endpoint=\"push\",outcome=\"coalesced\"}")
+            .await,
+        4.0
+    );
 }
 
 #[tokio::test]
 async fn a_bot_that_gives_up_does_not_cancel_the_send() {
     let mock = MockLine::start().await;
-    mock.script([Fault::Delay(Duration::from_millis(300))]);
     let proxy = Proxy::start(&mock, &[]).await;
+    let hold = mock.hold();
     let body = push_body("patience");
-    let gave_up = tokio::time::timeout(Duration::from_millis(50), push(&proxy, &body)).await;
-    assert!(gave_up.is_err(), "the bot's own timeout fired first");
-    mock.wait_requests(1).await;
+    // The bot gives up once its push is held at LINE: the answer cannot have come.
+    let gave_up = tokio::select! {
+        _ = push(&proxy, &body) => false,
+        _ = mock.wait_held(1) => true,
+    };
+    assert!(gave_up, "the push was held at LINE before any answer");
+    hold.release();
     let resend = push(&proxy, &body).await;
     assert_eq!(resend.status, StatusCode::OK);
     assert!(
@@ -556,9 +563,12 @@ async fn shutdown_lets_a_request_and_its_retries_finish() {
     });
     mock.wait_requests(1).await;
     let stopped = proxy.begin_stop();
-    let reply = request.await.unwrap();
+    let reply = within(ANSWER_LIMIT, "the bot was answered", request)
+        .await
+        .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(stopped.await.unwrap(), "drained within the grace period");
+    let drained = within(ANSWER_LIMIT, "the proxy stopped", stopped).await;
+    assert!(drained.unwrap(), "drained within the grace period");
     assert_eq!(mock.delivered_count(), 1);
 }
 
@@ -574,7 +584,7 @@ async fn health_and_readiness() {
 
 #[tokio::test]
 async fn malformed_and_truncated_requests_never_reach_line() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &[]).await;
 
@@ -583,8 +593,7 @@ async fn malformed_and_truncated_requests_never_reach_line() {
         .write_all(b"\x00\x01NOT HTTP AT ALL\r\n\r\n")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    garbage.read_to_end(&mut answer).await.unwrap();
+    let answer = read_to_close(&mut garbage).await.unwrap();
     assert!(
         answer.starts_with(b"HTTP/1.1 400"),
         "{:?}",
@@ -597,8 +606,8 @@ async fn malformed_and_truncated_requests_never_reach_line() {
         .await
         .unwrap();
     truncated.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    let _ = truncated.read_to_end(&mut rest).await;
+    // Whatever the proxy says (a 400, or nothing), it must close.
+    let _ = read_to_close(&mut truncated).await;
 
     assert!(mock.requests().is_empty(), "nothing reached LINE");
     assert_eq!(

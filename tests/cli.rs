@@ -5,11 +5,15 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::mock_line::MockLine;
 use support::proxy::temp_dir;
+use support::{output_within, within};
 
 const BIN: &str = env!("CARGO_BIN_EXE_line-retry-proxy");
+/// The longest a subcommand, a log line or the process's exit may take.
+const LIMIT: Duration = Duration::from_secs(30);
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(BIN);
@@ -19,7 +23,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("binary runs");
+    let out = output_within(&mut cmd, LIMIT, &format!("line-retry-proxy {args:?}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -238,15 +242,17 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
     assert_eq!(mock.delivered_count(), 1);
 
     let admin = proxy.admin.clone();
-    let health = Command::new(BIN)
-        .args(["healthcheck", "--admin-listen", &admin])
-        .status()
-        .unwrap();
-    assert!(health.success());
-    let stats = Command::new(BIN)
-        .args(["stats", "--admin-listen", &admin])
-        .output()
-        .unwrap();
+    let health = output_within(
+        Command::new(BIN).args(["healthcheck", "--admin-listen", &admin]),
+        LIMIT,
+        "healthcheck",
+    );
+    assert!(health.status.success());
+    let stats = output_within(
+        Command::new(BIN).args(["stats", "--admin-listen", &admin]),
+        LIMIT,
+        "stats",
+    );
     let table = String::from_utf8_lossy(&stats.stdout);
     assert!(
         table
@@ -256,7 +262,7 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
     );
 
     proxy.signal("-TERM");
-    assert_eq!(proxy.child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(proxy.exit_code().await, Some(0));
     let log = proxy.rest_of_log().await;
     let access = log
         .iter()
@@ -274,11 +280,12 @@ async fn serves_logs_safely_and_stops_on_sigterm() {
         "credential in the log"
     );
     assert!(!everything.contains(secret_text), "message body in the log");
-    let after = Command::new(BIN)
-        .args(["healthcheck", "--admin-listen", &admin])
-        .status()
-        .unwrap();
-    assert!(!after.success(), "nothing listens after exit");
+    let after = output_within(
+        Command::new(BIN).args(["healthcheck", "--admin-listen", &admin]),
+        LIMIT,
+        "healthcheck after exit",
+    );
+    assert!(!after.status.success(), "nothing listens after exit");
 }
 
 /// A running process picks up a changed retry policy on SIGHUP, keeps its old one when
@@ -326,7 +333,7 @@ async fn sighup_reloads_the_retry_policy() {
         "the previous policy stays"
     );
     proxy.signal("-TERM");
-    assert_eq!(proxy.child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(proxy.exit_code().await, Some(0));
 }
 
 /// The binary run as a child process, with its JSON log lines readable as they come.
@@ -381,35 +388,48 @@ impl Process {
     }
 
     async fn wait_for_log(&mut self, text: &str) -> serde_json::Value {
-        loop {
-            let line = self
-                .lines
-                .recv()
-                .await
-                .unwrap_or_else(|| panic!("process ended before logging {text:?}"));
-            self.seen.push(line.clone());
-            if line.contains(text) {
-                return serde_json::from_str(&line).expect("json log line");
+        let what = format!("the process logged {text:?}");
+        let (lines, seen) = (&mut self.lines, &mut self.seen);
+        within(LIMIT, &what, async {
+            loop {
+                let line = lines
+                    .recv()
+                    .await
+                    .unwrap_or_else(|| panic!("process ended before logging {text:?}"));
+                seen.push(line.clone());
+                if line.contains(text) {
+                    return serde_json::from_str(&line).expect("json log line");
+                }
             }
-        }
+        })
+        .await
     }
 
     /// The log lines after those already read, up to the process's end.
     async fn rest_of_log(&mut self) -> Vec<String> {
         let mut rest = Vec::new();
-        while let Some(line) = self.lines.recv().await {
-            rest.push(line);
-        }
+        let lines = &mut self.lines;
+        within(LIMIT, "the process closed its log", async {
+            while let Some(line) = lines.recv().await {
+                rest.push(line);
+            }
+        })
+        .await;
         rest
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    async fn exit_code(&mut self) -> Option<i32> {
+        within(LIMIT, "the process exited", self.child.wait())
+            .await
+            .expect("wait for the child")
+            .code()
     }
 
     fn signal(&self, sig: &str) {
         let pid = self.child.id().unwrap().to_string();
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
+        let kill = output_within(Command::new("kill").args([sig, &pid]), LIMIT, "kill");
+        assert!(kill.status.success());
     }
 
     async fn push(&self, text: &str) -> http::StatusCode {
@@ -443,5 +463,5 @@ async fn sighup_reloads_the_tunnel_allowlist() {
     let (_, after, _) = support::tunnel::connect_raw(listen, &connect).await;
     assert_eq!(after, 200);
     proxy.signal("-TERM");
-    assert_eq!(proxy.child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(proxy.exit_code().await, Some(0));
 }

@@ -5,12 +5,12 @@
 mod support;
 
 use std::process::Command;
-use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::mock_line::{Fault, MockLine};
-use support::proxy::{push, push_body, send, Proxy, TOKEN};
-use support::tunnel::{self, closed_by_peer, connect, connect_raw};
+use support::proxy::{push, push_body, send, Proxy, ANSWER_LIMIT, TOKEN};
+use support::tunnel::{self, closed_by_peer, connect, connect_raw, read_to_close};
+use support::within;
 use tokio::io::AsyncWriteExt;
 
 const PUSH_URL: &str = "https://api.line.me/v2/bot/message/push";
@@ -204,10 +204,7 @@ async fn proxy_authorization_is_required_when_configured() {
     assert_eq!(base_url.status, StatusCode::OK);
     let mut plain = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     plain.write_all(b"GET http://api.line.me/v2/bot/info HTTP/1.1\r\nHost: api.line.me\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut plain, &mut answer)
-        .await
-        .unwrap();
+    let answer = String::from_utf8(read_to_close(&mut plain).await.unwrap()).unwrap();
     assert!(
         answer.starts_with("HTTP/1.1 407"),
         "absolute-form needs proxy auth: {answer}"
@@ -250,8 +247,10 @@ async fn a_client_that_never_finishes_the_handshake_is_timed_out() {
     let mock = MockLine::start().await;
     let proxy = Proxy::start(&mock, &["--handshake-timeout=200ms"]).await;
     let mut stream = connect(proxy.addr, "api.line.me:443").await;
-    let closed = tokio::time::timeout(Duration::from_secs(5), closed_by_peer(&mut stream)).await;
-    assert_eq!(closed.ok(), Some(true), "the proxy closes a silent tunnel");
+    assert!(
+        closed_by_peer(&mut stream).await,
+        "the proxy closes a silent tunnel"
+    );
     assert_eq!(proxy.metric("line_retry_proxy_tunnels_open").await, 0.0);
 }
 
@@ -264,8 +263,10 @@ async fn a_slow_header_client_is_timed_out() {
         .write_all(b"POST /v2/bot/message/push HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(5), closed_by_peer(&mut stream)).await;
-    assert_eq!(closed.ok(), Some(true));
+    assert!(
+        closed_by_peer(&mut stream).await,
+        "the proxy closes a slow header"
+    );
     assert!(mock.requests().is_empty());
 }
 
@@ -278,18 +279,18 @@ async fn connections_over_the_limit_are_closed_and_service_resumes() {
         tokio::net::TcpStream::connect(proxy.addr).await.unwrap(),
     ];
     // Both are being served once the proxy reports them open.
-    while proxy.metric("line_retry_proxy_connections_open").await < 2.0 {
-        tokio::task::yield_now().await;
-    }
+    proxy
+        .wait_metric("line_retry_proxy_connections_open", |v| v >= 2.0)
+        .await;
     let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     assert!(
         closed_by_peer(&mut third).await,
         "over the limit: closed at once"
     );
     held.pop();
-    while proxy.metric("line_retry_proxy_connections_open").await > 1.0 {
-        tokio::task::yield_now().await;
-    }
+    proxy
+        .wait_metric("line_retry_proxy_connections_open", |v| v <= 1.0)
+        .await;
     assert_eq!(
         push(&proxy, &push_body("room again")).await.status,
         StatusCode::OK
@@ -308,10 +309,7 @@ async fn absolute_form_requests_are_proxied_like_base_url() {
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
-        .await
-        .unwrap();
+    let answer = String::from_utf8(read_to_close(&mut stream).await.unwrap()).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("x-line-retry-proxy: fresh"), "{answer}");
     assert_eq!(mock.delivered_count(), 1);
@@ -323,10 +321,7 @@ async fn absolute_form_requests_are_proxied_like_base_url() {
         )
         .await
         .unwrap();
-    let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
-        .await
-        .unwrap();
+    let answer = String::from_utf8(read_to_close(&mut stream).await.unwrap()).unwrap();
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 }
 
@@ -352,6 +347,8 @@ async fn curl_through_the_proxy() {
             let out = Command::new("curl")
                 .args([
                     "-sS",
+                    "--max-time",
+                    "30",
                     "--fail-with-body",
                     "-D",
                     "-",
@@ -405,15 +402,16 @@ async fn shutdown_closes_open_tunnels() {
     let mock = MockLine::start().await;
     let mut proxy = Proxy::start(&mock, &["--tunnel-allow=127.0.0.1"]).await;
     let mut tunnel = connect(proxy.addr, &mock.addr().to_string()).await;
-    while proxy.metric("line_retry_proxy_tunnels_open").await < 1.0 {
-        tokio::task::yield_now().await;
-    }
+    proxy
+        .wait_metric("line_retry_proxy_tunnels_open", |v| v >= 1.0)
+        .await;
     let stopped = proxy.begin_stop();
     assert!(
         closed_by_peer(&mut tunnel).await,
         "the idle tunnel is closed"
     );
-    assert!(stopped.await.unwrap(), "nothing was left running");
+    let drained = within(ANSWER_LIMIT, "the proxy stopped", stopped).await;
+    assert!(drained.unwrap(), "nothing was left running");
 }
 
 #[tokio::test]
@@ -438,12 +436,14 @@ async fn open_tunnels_count_against_the_connection_limit() {
     .await
     .unwrap();
     let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(5), closed_by_peer(&mut third)).await;
-    assert_eq!(closed.ok(), Some(true), "two tunnels fill a limit of two");
+    assert!(
+        closed_by_peer(&mut third).await,
+        "two tunnels fill a limit of two"
+    );
     drop(first);
-    while proxy.metric("line_retry_proxy_tunnels_open").await > 1.0 {
-        tokio::task::yield_now().await;
-    }
+    proxy
+        .wait_metric("line_retry_proxy_tunnels_open", |v| v <= 1.0)
+        .await;
     let reply = tunnel::request(
         second,
         tunnel::push_request(PUSH_URL, TOKEN, &push_body("room again")),

@@ -14,7 +14,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::mock_line::{stream_body, Fault, MockLine, STREAM_CHUNK};
+use support::mock_line::{stream_body, Fault, MockLine, STREAM_CHUNK, WAIT_LIMIT};
+use support::within;
 
 const TOKEN: &str = "Bearer channel-a";
 const KEY: &str = "123e4567-e89b-42d3-a456-426614174000";
@@ -28,10 +29,13 @@ fn client(mock: &MockLine, h2: bool) -> Https {
     let builder = HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_only();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
     let connector = if h2 {
-        builder.enable_all_versions().build()
+        builder.enable_all_versions().wrap_connector(http)
     } else {
-        builder.enable_http1().build()
+        builder.enable_http1().wrap_connector(http)
     };
     Client::builder(TokioExecutor::new()).build(connector)
 }
@@ -58,7 +62,28 @@ impl Reply {
 
 type SendResult = Result<Reply, Box<dyn std::error::Error + Send + Sync>>;
 
+/// One request, failing the test if the mock has not answered within [`WAIT_LIMIT`]
+/// (tests that expect no answer bound it more tightly themselves).
 async fn try_send<C>(
+    client: &Client<C, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> SendResult
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let what = format!("the mock answered {method} {url}");
+    within(
+        WAIT_LIMIT,
+        &what,
+        try_send_unbounded(client, method, url, headers, body),
+    )
+    .await
+}
+
+async fn try_send_unbounded<C>(
     client: &Client<C, Full<Bytes>>,
     method: Method,
     url: &str,
@@ -131,6 +156,11 @@ async fn push_answers_one_sent_message_per_message() {
     assert_eq!(delivered[0].retry_key.as_deref(), Some(KEY));
     assert_eq!(delivered[0].authorization.as_deref(), Some(TOKEN));
     assert_eq!(delivered[0].request_id, reply.header("x-line-request-id"));
+    assert_eq!(
+        delivered[0].sent_messages,
+        Some(Value::Array(sent)),
+        "the delivery records the answer"
+    );
     let recorded = mock.requests();
     assert_eq!(recorded.len(), 1);
     assert_eq!(recorded[0].method, "POST");
@@ -393,7 +423,7 @@ async fn reset_is_a_tcp_rst() {
     );
     stream.write_all(head.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
-    let read = stream.read_to_end(&mut buf).await;
+    let read = within(WAIT_LIMIT, "the mock closed", stream.read_to_end(&mut buf)).await;
     assert_eq!(buf, b"", "no answer at all");
     let err = read.expect_err("a reset, not a clean EOF");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
@@ -455,7 +485,10 @@ async fn wait_requests_resolves_on_arrival_not_on_answer() {
         0,
         "the delay comes before acceptance"
     );
-    let status = request.await.expect("task").expect("answer");
+    let status = within(WAIT_LIMIT, "the delayed answer came", request)
+        .await
+        .expect("task")
+        .expect("answer");
     assert_eq!(status, StatusCode::OK);
     assert!(started.elapsed() >= Duration::from_millis(500));
     assert_eq!(mock.delivered_count(), 1);
@@ -577,7 +610,9 @@ async fn stream_sends_n_patterned_bytes_in_chunks() {
     let req = Request::get(url)
         .body(Full::new(Bytes::new()))
         .expect("request");
-    let res = client.request(req).await.expect("answer");
+    let res = within(WAIT_LIMIT, "the stream's head came", client.request(req))
+        .await
+        .expect("answer");
     assert_eq!(res.status(), StatusCode::OK);
     assert!(
         res.headers().get("content-length").is_none(),
@@ -585,11 +620,14 @@ async fn stream_sends_n_patterned_bytes_in_chunks() {
     );
     let mut body = res.into_body();
     let mut frames = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.expect("frame").into_data() {
-            frames.push(data);
+    within(WAIT_LIMIT, "the whole stream came", async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("frame").into_data() {
+                frames.push(data);
+            }
         }
-    }
+    })
+    .await;
     let all: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
     assert_eq!(Bytes::from(all), stream_body(len));
     assert!(frames.len() >= 4, "{} frames", frames.len());
@@ -706,4 +744,225 @@ async fn dropping_the_mock_ends_hanging_requests() {
         .expect("drop ended the hang")
         .expect("task");
     assert!(outcome.is_err(), "{outcome:?}");
+}
+
+/// Sends a push with `key` on a task of its own, for tests that hold requests.
+fn spawn_push(
+    client: &Https,
+    mock: &MockLine,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Result<Reply, String>> {
+    let (client, url) = (client.clone(), format!("{}{PUSH}", mock.url()));
+    tokio::spawn(async move {
+        let headers = [("authorization", TOKEN), ("x-line-retry-key", key)];
+        try_send(&client, Method::POST, &url, &headers, "{\"messages\":[{}]}")
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+const KEY_B: &str = "223e4567-e89b-42d3-a456-426614174000";
+const KEY_C: &str = "323e4567-e89b-42d3-a456-426614174000";
+
+#[tokio::test]
+async fn hold_keeps_keyed_requests_until_released() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, true);
+    let hold = mock.hold();
+    let a = spawn_push(&client, &mock, KEY);
+    let b = spawn_push(&client, &mock, KEY_B);
+    mock.wait_held(2).await;
+    assert_eq!(mock.held(), 2);
+    assert_eq!(mock.requests().len(), 2, "recorded on arrival");
+    assert_eq!(mock.delivered_count(), 0, "held before acceptance");
+    // Other endpoints are not held.
+    let info = call(&client, &mock, Method::GET, "/v2/bot/info").await;
+    assert_eq!(info.status, StatusCode::OK);
+    assert!(!a.is_finished() && !b.is_finished());
+
+    hold.release();
+    for held in [a, b] {
+        let reply = within(WAIT_LIMIT, "a held push was answered", held)
+            .await
+            .expect("task")
+            .expect("answer");
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(mock.held(), 0);
+    assert_eq!(mock.delivered_count(), 2);
+    // Released for good: the next push is not held.
+    assert_eq!(
+        push(&client, &mock, Some(KEY_C)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_held_request_whose_client_goes_away_is_no_longer_counted() {
+    let mock = MockLine::start().await;
+    let _hold = mock.hold();
+    let client = client(&mock, false);
+    let gone = spawn_push(&client, &mock, KEY);
+    mock.wait_held(1).await;
+    gone.abort();
+    drop(client);
+    let mut held = mock.held();
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while held != 0 {
+        assert!(Instant::now() < deadline, "still {held} held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        held = mock.held();
+    }
+    assert_eq!(mock.delivered_count(), 0);
+}
+
+#[tokio::test]
+async fn hold_until_n_is_a_barrier() {
+    let mock = MockLine::start().await;
+    mock.script([Fault::HoldUntil(3), Fault::HoldUntil(3)]);
+    let client = client(&mock, true);
+    let a = spawn_push(&client, &mock, KEY);
+    let b = spawn_push(&client, &mock, KEY_B);
+    mock.wait_requests(2).await;
+    assert_eq!(mock.delivered_count(), 0, "both wait for the third");
+    let c = push(&client, &mock, Some(KEY_C)).await;
+    assert_eq!(c.status, StatusCode::OK);
+    for held in [a, b] {
+        let reply = within(WAIT_LIMIT, "a push at the barrier was answered", held)
+            .await
+            .expect("task")
+            .expect("answer");
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(mock.delivered_count(), 3);
+    assert_eq!(mock.faults_applied().get("hold_until"), Some(&2));
+}
+
+#[tokio::test]
+async fn accept_then_reset_delivers_then_kills_the_connection() {
+    for h2 in [false, true] {
+        let mock = MockLine::start().await;
+        mock.script([Fault::AcceptThenReset]);
+        let client = client(&mock, h2);
+        let err = match push_with(
+            &client,
+            &mock,
+            &[("authorization", TOKEN), ("x-line-retry-key", KEY)],
+        )
+        .await
+        {
+            Ok(reply) => panic!("h2={h2}: answered {}", reply.status),
+            Err(err) => err,
+        };
+        if h2 {
+            assert_eq!(
+                io_kind(err.as_ref()),
+                Some(std::io::ErrorKind::ConnectionReset),
+                "{err:?}"
+            );
+        }
+        assert_eq!(
+            mock.delivered_count(),
+            1,
+            "h2={h2}: delivered before the reset"
+        );
+        let retry = push(&client, &mock, Some(KEY)).await;
+        assert_eq!(retry.status, StatusCode::CONFLICT);
+        let delivered = &mock.deliveries()[0];
+        assert_eq!(
+            retry.header("x-line-accepted-request-id"),
+            delivered.request_id
+        );
+        assert_eq!(
+            Some(&retry.json()["sentMessages"]),
+            delivered.sent_messages.as_ref(),
+            "h2={h2}: the delivery records what LINE answered"
+        );
+        assert_eq!(
+            mock.connections(),
+            2,
+            "h2={h2}: the reset connection was not reused"
+        );
+    }
+}
+
+#[tokio::test]
+async fn arrival_times_are_recorded() {
+    let mock = MockLine::start().await;
+    let client = client(&mock, false);
+    let before = Instant::now();
+    push(&client, &mock, Some(KEY)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    push(&client, &mock, Some(KEY_B)).await;
+    let requests = mock.requests();
+    let deliveries = mock.deliveries();
+    assert!(before <= requests[0].at && requests[0].at <= deliveries[0].at);
+    assert!(requests[1].at.duration_since(requests[0].at) >= Duration::from_millis(20));
+}
+
+/// Statuses of `n` sequential pushes (fresh keys) under chaos with `seed`.
+async fn chaos_statuses(seed: u64, n: usize) -> (Vec<u16>, usize, usize) {
+    let mock = MockLine::start().await;
+    mock.chaos(support::mock_line::Chaos {
+        seed,
+        status_500: 0.3,
+        accept_then_500: 0.2,
+        ..Default::default()
+    });
+    let client = client(&mock, true);
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        statuses.push(push(&client, &mock, None).await.status.as_u16());
+    }
+    let applied = mock.faults_applied();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 500).count(),
+        applied.get("status").copied().unwrap_or(0)
+            + applied.get("accept_then_status").copied().unwrap_or(0)
+    );
+    (
+        statuses,
+        applied.get("accept_then_status").copied().unwrap_or(0),
+        mock.delivered_count(),
+    )
+}
+
+#[tokio::test]
+async fn chaos_draws_the_given_mix_from_its_seed() {
+    let (statuses, accepted_500s, delivered) = chaos_statuses(42, 200).await;
+    let failed = statuses.iter().filter(|s| **s == 500).count();
+    // Half of 200 on average; far outside this band means the mix is not applied.
+    assert!((70..=130).contains(&failed), "{failed} of 200 failed");
+    assert_eq!(
+        delivered,
+        200 - failed + accepted_500s,
+        "a 500 after acceptance is still a delivery"
+    );
+    let (again, _, _) = chaos_statuses(42, 200).await;
+    assert_eq!(statuses, again, "the same seed, the same faults");
+    let (other, _, _) = chaos_statuses(43, 200).await;
+    assert_ne!(statuses, other);
+}
+
+#[tokio::test]
+async fn scripted_faults_come_before_chaos_and_calm_ends_it() {
+    let mock = MockLine::start().await;
+    mock.chaos(support::mock_line::Chaos {
+        seed: 1,
+        status_500: 1.0,
+        ..Default::default()
+    });
+    mock.script([Fault::Status(503)]);
+    let client = client(&mock, false);
+    assert_eq!(
+        push(&client, &mock, None).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        push(&client, &mock, None).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    mock.calm();
+    assert_eq!(push(&client, &mock, None).await.status, StatusCode::OK);
+    assert_eq!(mock.faults_applied().get("status"), Some(&2));
 }

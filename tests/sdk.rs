@@ -50,9 +50,7 @@ struct Run {
 }
 
 fn run(mut cmd: Command, what: &str) -> Run {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    let out = support::output_within(&mut cmd, std::time::Duration::from_secs(120), what);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -110,11 +108,13 @@ async fn push_twice(mode: &'static str, send: fn(&Target, &str, &str) -> Run) {
     let text = format!("hello from {mode}");
     let (first, again) = {
         let text = text.clone();
-        tokio::task::spawn_blocking(move || {
+        // Each run is bounded inside; this bounds the pair once more for its message.
+        let runs = tokio::task::spawn_blocking(move || {
             (send(&target, mode, &text), send(&target, mode, &text))
-        })
-        .await
-        .unwrap()
+        });
+        support::within(std::time::Duration::from_secs(300), mode, runs)
+            .await
+            .unwrap()
     };
 
     let delivered = mock.deliveries();

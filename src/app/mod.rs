@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 use crate::pipeline::read::Intake;
 use crate::pipeline::Pipeline;
 use crate::store::memory::MemoryStore;
-use crate::store::Store;
+use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::{Store, StoreError};
 use crate::upstream::{Client, UpstreamError};
 
 /// Bounds the intercept leaf cache: one entry per intercepted host name.
@@ -32,6 +33,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error("intercept CA: {0}")]
     Ca(#[from] CaError),
+    #[error("answer store: {0}")]
+    Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -48,8 +51,18 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config) -> Result<Arc<App>, StartError> {
-        let store: Box<dyn Store> = match config.store {
+        let store: Box<dyn Store> = match &config.store {
             StoreKind::Memory => Box::new(MemoryStore::new(config.store_max_bytes)),
+            StoreKind::Redis(target) => Box::new(RedisStore::new(RedisOptions {
+                tls: target.tls,
+                host: target.host.clone(),
+                port: target.port,
+                db: target.db,
+                username: target.username.clone(),
+                password: target.password.as_ref().map(|p| p.expose().to_owned()),
+                ca: config.store_ca.clone(),
+                timeout: config.store_timeout,
+            })?),
         };
         let upstream = Client::new(
             config.upstream.clone(),
@@ -160,8 +173,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let edge = app.edge.clone();
-    let proxy = tokio::spawn(crate::edge::listener::serve(edge.clone(), listener));
     let admin = tokio::spawn(crate::edge::admin::serve(edge.clone(), admin));
+    // A shared store connects in the background; the first sends wait for that (in
+    // the listen backlog, within the store's connect bound) so they find it as it is.
+    app.pipeline.store.ready().await;
+    let proxy = tokio::spawn(crate::edge::listener::serve(edge.clone(), listener));
     tokio::select! {
         _ = shutdown => {}
         _ = edge.shutdown.cancelled() => {}

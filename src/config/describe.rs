@@ -31,7 +31,19 @@ impl Config {
             ),
         );
         line("ca-dir", format!("{:?}", self.ca_dir.display().to_string()));
-        line("store", "\"memory\"".into());
+        line("store", format!("{:?}", self.store.to_string()));
+        line("store-timeout", d(self.store_timeout));
+        line(
+            "store-ca",
+            format!(
+                "{:?}",
+                self.store_ca
+                    .as_deref()
+                    .map(Path::display)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            ),
+        );
         line("attempt-timeout", d(r.attempt_timeout));
         line("max-attempts", r.max_attempts.to_string());
         line("retry-base-delay", d(r.backoff.base()));

@@ -38,9 +38,57 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which answer store: `--store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
+    /// Embedded, per process.
     Memory,
+    /// A Redis (or Valkey) shared by every replica, surviving restarts.
+    Redis(RedisTarget),
+}
+
+impl fmt::Display for StoreKind {
+    /// The store as `check-config` shows it: the password masked.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Memory => f.write_str("memory"),
+            StoreKind::Redis(target) => target.fmt(f),
+        }
+    }
+}
+
+/// Where the Redis store is: `redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    /// `rediss://`: TLS, the server's certificate always verified.
+    pub tls: bool,
+    /// A name or an IP address (an IPv6 one without brackets).
+    pub host: String,
+    pub port: u16,
+    /// The database number (`SELECT`).
+    pub db: i64,
+    /// For Redis ACLs; none means the default user.
+    pub username: Option<String>,
+    /// Never printed: `Debug` and `Display` show `***`.
+    pub password: Option<Secret>,
+}
+
+impl fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.tls { "rediss://" } else { "redis://" })?;
+        match (&self.username, &self.password) {
+            (Some(user), Some(_)) => write!(f, "{user}:***@")?,
+            (None, Some(_)) => f.write_str(":***@")?,
+            (Some(user), None) => write!(f, "{user}@")?,
+            (None, None) => {}
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
+        write!(f, ":{}/{}", self.port, self.db)
+    }
 }
 
 /// Where base-URL and intercepted traffic is forwarded.
@@ -121,6 +169,10 @@ pub struct Config {
     pub upstream_ca: Option<PathBuf>,
     pub ca_dir: PathBuf,
     pub store: StoreKind,
+    /// Longest a send waits on a shared store before it goes on without it.
+    pub store_timeout: Duration,
+    /// CA trusted for a `rediss://` store instead of the system roots.
+    pub store_ca: Option<PathBuf>,
     pub log_format: LogFormat,
     pub body_limit: usize,
     pub store_max_bytes: u64,
@@ -274,6 +326,19 @@ impl Config {
             )?,
         };
 
+        let store = store(pick(&args.store, file.store))?;
+        // Empty, as check-config prints an unset one: none.
+        let store_ca = args
+            .store_ca
+            .clone()
+            .or(file.store_ca)
+            .filter(|p| !p.as_os_str().is_empty());
+        if store_ca.is_some() && !matches!(&store, StoreKind::Redis(t) if t.tls) {
+            return Err(ConfigError::new(
+                "option `store-ca` applies only to a rediss:// store",
+            ));
+        }
+
         let body_limit = number(
             "body-limit",
             pick(&args.body_limit, file.body_limit.map(|n| n.to_string())),
@@ -307,7 +372,14 @@ impl Config {
                 .clone()
                 .or(file.ca_dir)
                 .unwrap_or_else(|| PathBuf::from("ca")),
-            store: store(pick(&args.store, file.store))?,
+            store,
+            store_timeout: duration(
+                "store-timeout",
+                pick(&args.store_timeout, file.store_timeout),
+                Duration::from_millis(50),
+                Duration::from_millis(1)..=Duration::from_secs(10),
+            )?,
+            store_ca,
             log_format: log_format(pick(&args.log_format, file.log_format))?,
             body_limit,
             store_max_bytes: number(
@@ -482,6 +554,58 @@ mod tests {
         let again = Config::from_toml(&defaults.describe()).unwrap();
         assert_eq!(again.describe(), defaults.describe());
         assert!(again.proxy_auth.is_none() && again.upstream_ca.is_none());
+    }
+
+    #[test]
+    fn redis_store_urls() {
+        let c = file("store = \"rediss://proxy:p%40ss@redis.internal:6380/3\"").unwrap();
+        let StoreKind::Redis(t) = &c.store else {
+            panic!("not redis: {:?}", c.store)
+        };
+        assert!(t.tls);
+        assert_eq!((t.host.as_str(), t.port, t.db), ("redis.internal", 6380, 3));
+        assert_eq!(t.username.as_deref(), Some("proxy"));
+        assert_eq!(t.password.as_ref().map(Secret::expose), Some("p@ss"));
+        assert_eq!(
+            c.store.to_string(),
+            "rediss://proxy:***@redis.internal:6380/3"
+        );
+        let plain = file("store = \"redis://[::1]\"").unwrap();
+        assert_eq!(plain.store.to_string(), "redis://[::1]:6379/0");
+        assert_eq!(plain.store_timeout, Duration::from_millis(50));
+        for bad in [
+            "redis://",
+            "redis://host/db",
+            "rediss://host#insecure",
+            "redis://host?timeout=1",
+            "memcached://host",
+        ] {
+            let err = file(&format!("store = {bad:?}")).unwrap_err().to_string();
+            assert!(err.contains("`store`"), "{bad}: {err}");
+        }
+        let err = file("store = \"redis://host\"\nstore-ca = \"ca.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store-ca"), "{err}");
+    }
+
+    #[test]
+    fn the_redis_password_is_masked_everywhere() {
+        let c = file("store = \"redis://:hunter2@127.0.0.1:6379/0\"").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!c.describe().contains("hunter2"));
+        assert!(c
+            .describe()
+            .contains("store = \"redis://:***@127.0.0.1:6379/0\""));
+        for bad in [
+            "redis://u:hunter2@host/x",
+            "redis://u:hunter2@",
+            "rediss://u:hunter2@host#insecure",
+            "u:hunter2@host",
+        ] {
+            let err = file(&format!("store = {bad:?}")).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

@@ -31,9 +31,20 @@ pub struct ServeArgs {
     /// Directory of the intercept CA (ca.pem, ca.key) [default: ./ca]
     #[arg(long, env = "LINE_RETRY_PROXY_CA_DIR", value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
-    /// Answer store: memory [default: memory]
-    #[arg(long, env = "LINE_RETRY_PROXY_STORE", value_name = "memory|redis://…")]
+    /// Answer store: memory, or a Redis shared by replicas: redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://… for TLS [default: memory]
+    #[arg(
+        long,
+        env = "LINE_RETRY_PROXY_STORE",
+        value_name = "memory|redis://…",
+        hide_env_values = true
+    )]
     pub store: Option<String>,
+    /// Longest a send waits on the Redis store; past it, the send goes on without it [default: 50ms]
+    #[arg(long, env = "LINE_RETRY_PROXY_STORE_TIMEOUT", value_name = "DUR")]
+    pub store_timeout: Option<String>,
+    /// CA (PEM) trusted for a rediss:// store instead of the system roots
+    #[arg(long, env = "LINE_RETRY_PROXY_STORE_CA", value_name = "PEM")]
+    pub store_ca: Option<PathBuf>,
     /// Time one upstream attempt may take [default: 10s]
     #[arg(long, env = "LINE_RETRY_PROXY_ATTEMPT_TIMEOUT", value_name = "DUR")]
     pub attempt_timeout: Option<String>,
@@ -132,6 +143,8 @@ pub(super) struct FileConfig {
     pub(super) upstream_ca: Option<PathBuf>,
     pub(super) ca_dir: Option<PathBuf>,
     pub(super) store: Option<String>,
+    pub(super) store_timeout: Option<String>,
+    pub(super) store_ca: Option<PathBuf>,
     pub(super) attempt_timeout: Option<String>,
     pub(super) max_attempts: Option<u32>,
     pub(super) retry_base_delay: Option<String>,

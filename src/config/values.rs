@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::uri::Scheme;
 
-use super::{LogFormat, StoreKind, UpstreamTarget, MAX_DEDUP_WINDOW};
+use super::{LogFormat, RedisTarget, StoreKind, UpstreamTarget, MAX_DEDUP_WINDOW};
 
 /// One line naming the option and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -191,16 +191,67 @@ pub(super) fn hosts(
 }
 
 pub(super) fn store(value: Option<String>) -> Result<StoreKind, ConfigError> {
-    match value.as_deref() {
-        None | Some("memory") => Ok(StoreKind::Memory),
-        Some(v) if v.starts_with("redis://") || v.starts_with("rediss://") => {
-            Err(ConfigError::option(
-                "store",
-                "redis://…",
-                "the shared Redis store is not part of this build yet; use memory",
-            ))
+    let value = match value.as_deref().map(str::trim) {
+        None | Some("memory") => return Ok(StoreKind::Memory),
+        Some(v) => v.to_owned(),
+    };
+    let shown = redact_userinfo(&value);
+    let bad = |why: &str| ConfigError::option("store", &shown, why);
+    let tls = if value.starts_with("rediss://") {
+        true
+    } else if value.starts_with("redis://") {
+        false
+    } else {
+        return Err(bad(
+            "expected memory, redis://[USER:PASSWORD@]HOST[:PORT][/DB] or rediss://…",
+        ));
+    };
+    let url = url::Url::parse(&value).map_err(|e| bad(&format!("not a URL: {e}")))?;
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) if !d.is_empty() => d.to_owned(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        _ => return Err(bad("no host")),
+    };
+    if url.query().is_some() || url.fragment().is_some() {
+        // `#insecure` in particular: the store's certificate is always verified.
+        return Err(bad("takes no query or fragment (TLS is always verified)"));
+    }
+    let db = match url.path().trim_start_matches('/') {
+        "" => 0,
+        db => db
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (0..=i64::from(i32::MAX)).contains(n))
+            .ok_or_else(|| bad("the path must be a database number, e.g. /0"))?,
+    };
+    let decode = |s: &str| -> Result<Option<String>, ConfigError> {
+        if s.is_empty() {
+            return Ok(None);
         }
-        Some(v) => Err(ConfigError::option("store", v, "expected memory")),
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|d| Some(d.into_owned()))
+            .map_err(|_| bad("the user name and password must be UTF-8"))
+    };
+    Ok(StoreKind::Redis(RedisTarget {
+        tls,
+        host,
+        port: url.port().unwrap_or(6379),
+        db,
+        username: decode(url.username())?,
+        password: decode(url.password().unwrap_or_default())?.map(Secret),
+    }))
+}
+
+/// A store URL fit for an error message: anything before an `@` may be a password.
+fn redact_userinfo(value: &str) -> String {
+    match (value.find("://"), value.rfind('@')) {
+        (Some(start), Some(at)) if at > start => {
+            format!("{}***{}", &value[..start + 3], &value[at..])
+        }
+        (None, Some(_)) => "***".to_owned(),
+        _ => value.to_owned(),
     }
 }
 

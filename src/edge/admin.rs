@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (it accepts
-//! traffic: false once shutdown begins), `/metrics` (Prometheus text).
+//! traffic: false once shutdown begins; the body also says how the store is, since
+//! the proxy serves without it), `/metrics` (Prometheus text).
 //!
 //! Held to the proxy port's time limits, and to a connection cap of its own
 //! (`admin-max-connections`): a flood of sockets here must not use up the descriptors
@@ -49,8 +50,11 @@ async fn serve_connection(edge: Arc<Edge>, stream: TcpStream, _permit: OwnedSema
     let service_activity = activity.clone();
     let service = service_fn(move |req| {
         let busy = service_activity.begin();
-        let res = answer(&service_edge, &req).map(|body| hold(full(body), busy));
-        async move { Ok::<_, Infallible>(res) }
+        let edge = service_edge.clone();
+        async move {
+            let res = answer(&edge, &req).await.map(|body| hold(full(body), busy));
+            Ok::<_, Infallible>(res)
+        }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -68,7 +72,7 @@ async fn serve_connection(edge: Arc<Edge>, stream: TcpStream, _permit: OwnedSema
     .await;
 }
 
-fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Bytes> {
+async fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Bytes> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         (&Method::GET, "/readyz") if edge.shutdown.is_cancelled() => (
@@ -76,11 +80,15 @@ fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Bytes> {
             "text/plain",
             Bytes::from_static(b"shutting down\n"),
         ),
-        (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n")),
+        (&Method::GET, "/readyz") => (
+            StatusCode::OK,
+            "text/plain",
+            Bytes::from(format!("ready\n{}\n", edge.pipeline.store.describe())),
+        ),
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            Bytes::from(edge.render_metrics()),
+            Bytes::from(edge.render_metrics().await),
         ),
         _ => (
             StatusCode::NOT_FOUND,

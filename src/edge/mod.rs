@@ -60,8 +60,10 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// The Prometheus text of everything this proxy counts.
-    pub fn render_metrics(&self) -> String {
+    /// The Prometheus text of everything this proxy counts. A shared store is asked
+    /// for its figures first (bounded by its timeout).
+    pub async fn render_metrics(&self) -> String {
+        self.pipeline.store.refresh().await;
         self.metrics
             .render(self.pipeline.store.stats(), self.leaves.len())
     }

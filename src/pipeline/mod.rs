@@ -266,8 +266,9 @@ impl Pipeline {
                         .await;
                 }
                 Err(err) => {
+                    // Counted here; a shared store logs its outage once, not per send.
                     self.metrics.store_error();
-                    tracing::warn!(error = %err, "sending without the store; the retry key still prevents duplicates at LINE");
+                    tracing::debug!(error = %err, "sending without the store; the retry key still prevents duplicates at LINE");
                     break;
                 }
             }
@@ -318,7 +319,7 @@ impl Pipeline {
             if let Some(ticket) = ticket {
                 if let Err(err) = ticket.settle(settled.answer.clone(), settled.keep).await {
                     pipeline.metrics.store_error();
-                    tracing::warn!(error = %err, "could not store the answer");
+                    tracing::debug!(error = %err, "could not store the answer");
                 }
             }
             // The bot may be gone; its resend will find the stored answer.

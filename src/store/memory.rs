@@ -81,6 +81,8 @@ pub struct MemoryStore {
     sightings: Cache<Fingerprint, Sighting, BuildFingerprintHasher>,
     claims: Arc<[Shard]>,
     next_owner: AtomicU64,
+    /// The bound, reported beside what is held.
+    max_bytes: u64,
 }
 
 impl MemoryStore {
@@ -106,6 +108,7 @@ impl MemoryStore {
             sightings,
             claims: (0..SHARDS).map(|_| Mutex::default()).collect(),
             next_owner: AtomicU64::new(1),
+            max_bytes,
         }
     }
 
@@ -195,8 +198,14 @@ impl Store for MemoryStore {
         StoreStats {
             entries: self.answers.entry_count(),
             bytes: self.answers.weighted_size() + self.sightings.weighted_size(),
+            max_bytes: self.max_bytes,
             claims: self.claims.iter().map(|s| lock(s).len() as u64).sum(),
+            up: true,
         }
+    }
+
+    fn describe(&self) -> String {
+        "store: memory (this process only)".to_owned()
     }
 }
 

@@ -16,9 +16,11 @@
 //! apart from the answer.
 //!
 //! A store failure is never a reason to refuse a send: the derived key still makes
-//! LINE refuse a duplicate. The caller counts it and sends without the store.
+//! LINE refuse a duplicate. The caller counts it and sends without the store. A
+//! shared store logs its own changes of state (one line each), so the caller need not.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,8 +30,17 @@ use crate::domain::{Answer, Fingerprint, StoreStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The store cannot be reached in time, or refused the operation. The text never
+    /// holds a credential.
     #[error("answer store unavailable: {0}")]
     Unavailable(String),
+    /// A stored record could not be read back; it was discarded, so the next claim
+    /// finds nothing.
+    #[error("answer store held a record it cannot read; discarded")]
+    Corrupt,
+    /// The store cannot be built from its settings (at start).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// One claim: which send, for how long, under which window, at what time.
@@ -84,5 +95,24 @@ pub trait Ticket: Send {
 pub trait Store: Send + Sync + 'static {
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Claim, StoreError>>;
 
+    /// What the store holds, as of the last [`Store::refresh`] for a shared store.
     fn stats(&self) -> StoreStats;
+
+    /// Brings what [`Store::stats`] reports up to date before a scrape. A shared
+    /// store asks its server, bounded by its timeout; the embedded one has nothing
+    /// to ask.
+    fn refresh(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    /// Resolves once the store has been tried: a shared store has connected, or
+    /// found its server down, within its own bounds. The proxy serves after this, so
+    /// its first sends find the store as it is. The embedded store is ready at once.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    /// One line for `/readyz`: which store, and whether it is serving. The proxy is
+    /// ready either way: without its store it still sends, keyed.
+    fn describe(&self) -> String;
 }

@@ -2,8 +2,10 @@
 //! HTTP/1.1 and HTTP/2, LINE's documented retry-key semantics, and scriptable faults.
 //! It records every request that arrives and every message it *accepts*, because the
 //! proxy's whole promise is about the latter: what users would actually receive.
+//! A test can hold keyed requests at a gate until it releases them (`hold`), so it
+//! knows what is in flight without waiting on a timer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,7 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -28,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use super::faults::{Chaos, Fault};
 use super::pki::TestPki;
 
 /// The endpoints that take `X-Line-Retry-Key` (POST only), and so the only ones faults hit.
@@ -42,26 +45,6 @@ pub const KEYED: [&str; 4] = [
 pub const STREAM_CHUNK: usize = 16 * 1024;
 
 #[derive(Clone, Debug)]
-pub enum Fault {
-    /// Answer this status with a LINE-style body; nothing delivered.
-    Status(u16),
-    /// Accept and deliver (consuming the key), then answer this status instead.
-    AcceptThenStatus(u16),
-    /// Never answer; nothing delivered.
-    Hang,
-    /// Accept and deliver, then never answer.
-    AcceptThenHang,
-    /// Drop the whole connection unanswered, as a RST; nothing delivered.
-    Reset,
-    RateLimited {
-        retry_after: Option<u64>,
-    },
-    MonthlyLimit,
-    /// Wait, then behave normally.
-    Delay(Duration),
-}
-
-#[derive(Clone, Debug)]
 pub struct Recorded {
     pub method: String,
     /// Path and query.
@@ -70,6 +53,8 @@ pub struct Recorded {
     pub body: Bytes,
     pub retry_key: Option<String>,
     pub version: Version,
+    /// When the whole request had arrived.
+    pub at: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +64,9 @@ pub struct Delivery {
     pub request_id: String,
     pub body: Bytes,
     pub authorization: Option<String>,
+    /// What LINE answered for a push it accepted (and repeats in every 409 for its key).
+    pub sent_messages: Option<Value>,
+    pub at: Instant,
 }
 
 struct Accepted {
@@ -93,11 +81,18 @@ struct Log {
     deliveries: Vec<Delivery>,
     /// (Authorization, key): LINE scopes retry keys per channel.
     accepted: HashMap<(String, String), Accepted>,
+    chaos: Option<(Chaos, fastrand::Rng)>,
+    /// How often each fault was applied, scripted or drawn.
+    applied: BTreeMap<&'static str, usize>,
 }
 
 struct State {
     log: Mutex<Log>,
     arrived: watch::Sender<usize>,
+    /// False while a [`Hold`] is in force: keyed requests wait at the gate.
+    gate_open: watch::Sender<bool>,
+    /// Keyed requests waiting at the gate now.
+    held: watch::Sender<usize>,
     connections: AtomicUsize,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -134,6 +129,34 @@ impl Drop for MockLine {
     }
 }
 
+/// The longest any wait on the mock may take before the test fails saying what did
+/// not happen.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Keeps the mock's gate closed; released by [`Hold::release`] or by dropping it.
+pub struct Hold {
+    state: Arc<State>,
+}
+
+impl Hold {
+    pub fn release(self) {}
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.state.gate_open.send_replace(true);
+    }
+}
+
+/// Counts a request as held while it waits at the gate, however the wait ends.
+struct HeldGuard<'a>(&'a State);
+
+impl Drop for HeldGuard<'_> {
+    fn drop(&mut self) {
+        self.0.held.send_modify(|n| *n -= 1);
+    }
+}
+
 type Body = BoxBody<Bytes, Infallible>;
 /// An `Err` makes hyper abandon the exchange without answering.
 type Answer = Result<Response<Body>, std::io::Error>;
@@ -154,6 +177,8 @@ impl MockLine {
         let state = Arc::new(State {
             log: Mutex::new(Log::default()),
             arrived: watch::Sender::new(0),
+            gate_open: watch::Sender::new(true),
+            held: watch::Sender::new(0),
             connections: AtomicUsize::new(0),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -209,12 +234,58 @@ impl MockLine {
         self.state.log().deliveries.len()
     }
 
+    /// Waits until `n` requests in all have arrived; panics after [`WAIT_LIMIT`].
     pub async fn wait_requests(&self, n: usize) {
         let mut arrived = self.state.arrived.subscribe();
-        arrived
-            .wait_for(|count| *count >= n)
-            .await
-            .expect("the sender lives as long as self");
+        let waited = tokio::time::timeout(WAIT_LIMIT, arrived.wait_for(|count| *count >= n)).await;
+        if waited.is_err() {
+            panic!(
+                "only {} of {n} requests arrived at the mock within {WAIT_LIMIT:?}",
+                *self.state.arrived.borrow()
+            );
+        }
+    }
+
+    /// Closes the gate: from now on keyed requests are recorded (and their fault
+    /// chosen) on arrival, then wait until the returned handle is released or dropped.
+    pub fn hold(&self) -> Hold {
+        self.state.gate_open.send_replace(false);
+        Hold {
+            state: self.state.clone(),
+        }
+    }
+
+    /// Keyed requests waiting at the gate now.
+    pub fn held(&self) -> usize {
+        *self.state.held.borrow()
+    }
+
+    /// Waits until `n` keyed requests wait at the gate; panics after [`WAIT_LIMIT`].
+    pub async fn wait_held(&self, n: usize) {
+        let mut held = self.state.held.subscribe();
+        let waited = tokio::time::timeout(WAIT_LIMIT, held.wait_for(|count| *count >= n)).await;
+        if waited.is_err() {
+            panic!(
+                "only {} of {n} requests were held at the mock's gate within {WAIT_LIMIT:?}",
+                self.held()
+            );
+        }
+    }
+
+    /// Draws a random fault for every keyed request that has nothing scripted.
+    pub fn chaos(&self, chaos: Chaos) {
+        let rng = fastrand::Rng::with_seed(chaos.seed);
+        self.state.log().chaos = Some((chaos, rng));
+    }
+
+    /// Back to normal behaviour for requests with nothing scripted.
+    pub fn calm(&self) {
+        self.state.log().chaos = None;
+    }
+
+    /// How often each fault was applied so far, by [`Fault::name`].
+    pub fn faults_applied(&self) -> BTreeMap<&'static str, usize> {
+        self.state.log().applied.clone()
     }
 
     pub fn connections(&self) -> usize {
@@ -226,7 +297,12 @@ impl MockLine {
     pub async fn shutdown(&self) {
         self.state.stop.cancel();
         self.state.tasks.close();
-        self.state.tasks.wait().await;
+        if tokio::time::timeout(WAIT_LIMIT, self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            panic!("the mock's connections did not all end within {WAIT_LIMIT:?} of its shutdown");
+        }
     }
 }
 
@@ -244,6 +320,9 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
         // Linger 0 turns every close we do not finish politely into a RST, which is what
         // the Reset fault needs and what a crashed front end looks like.
         let _ = stream.set_zero_linger();
+        // Small answers go out at once, as LINE's front ends send them: without this a
+        // delayed ACK adds ~40 ms to some exchanges.
+        let _ = stream.set_nodelay(true);
         let conn = state.stop.child_token();
         state
             .tasks
@@ -362,6 +441,7 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
             body: req.body.clone(),
             retry_key: req.key.clone(),
             version: parts.version,
+            at: Instant::now(),
         });
         log.requests.len()
     };
@@ -369,11 +449,10 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
 
     let id = request_id();
     let keyed = req.method == Method::POST && KEYED.contains(&req.path.as_str());
-    let fault = if keyed {
-        state.log().faults.pop_front()
-    } else {
-        None
-    };
+    let fault = if keyed { next_fault(&state) } else { None };
+    if keyed {
+        pass_gate(&state, &conn).await?;
+    }
     match &fault {
         Some(Fault::Status(code)) => return Ok(scripted_status(*code, &id)),
         Some(Fault::RateLimited { retry_after }) => {
@@ -398,13 +477,52 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
         Some(Fault::Hang) => return hang(&conn).await,
         Some(Fault::Reset) => return reset(&state, &conn).await,
         Some(Fault::Delay(pause)) => tokio::time::sleep(*pause).await,
-        Some(Fault::AcceptThenStatus(_) | Fault::AcceptThenHang) | None => {}
+        Some(Fault::HoldUntil(n)) => {
+            let mut arrived = state.arrived.subscribe();
+            tokio::select! {
+                _ = arrived.wait_for(|count| *count >= *n) => {}
+                _ = conn.cancelled() => return Err(std::io::Error::other("mock shut down")),
+            }
+        }
+        Some(Fault::AcceptThenStatus(_) | Fault::AcceptThenHang | Fault::AcceptThenReset)
+        | None => {}
     }
     let (answer, accepted) = respond(&req, &id, &state);
     match fault {
         Some(Fault::AcceptThenStatus(code)) if accepted => Ok(scripted_status(code, &id)),
         Some(Fault::AcceptThenHang) if accepted => hang(&conn).await,
+        Some(Fault::AcceptThenReset) if accepted => reset(&state, &conn).await,
         _ => Ok(answer),
+    }
+}
+
+/// The scripted fault if there is one, else a drawn one in chaos mode; counted.
+fn next_fault(state: &State) -> Option<Fault> {
+    let mut log = state.log();
+    let fault = match log.faults.pop_front() {
+        Some(fault) => Some(fault),
+        None => match &mut log.chaos {
+            Some((chaos, rng)) => chaos.draw(rng),
+            None => None,
+        },
+    };
+    if let Some(fault) = &fault {
+        *log.applied.entry(fault.name()).or_default() += 1;
+    }
+    fault
+}
+
+/// Waits while a [`Hold`] is in force (or until the connection dies).
+async fn pass_gate(state: &State, conn: &CancellationToken) -> Result<(), std::io::Error> {
+    let mut open = state.gate_open.subscribe();
+    if *open.borrow_and_update() {
+        return Ok(());
+    }
+    state.held.send_modify(|n| *n += 1);
+    let _held = HeldGuard(state);
+    tokio::select! {
+        _ = open.wait_for(|open| *open) => Ok(()),
+        _ = conn.cancelled() => Err(std::io::Error::other("mock shut down")),
     }
 }
 
@@ -430,11 +548,11 @@ fn respond(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
         .iter()
         .any(|p| req.path.starts_with(p));
     if !instrument
-        && !req
+        && req
             .authorization
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "))
-            .is_some_and(|token| !token.is_empty())
+            .is_none_or(str::is_empty)
     {
         let text = "Authentication failed. Confirm that the access token in the authorization header is valid.";
         return (message(StatusCode::UNAUTHORIZED, id, text), false);
@@ -475,7 +593,7 @@ fn accept(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
         );
         return (res, false);
     }
-    let (status, body, sent_messages) = match req.path.as_str() {
+    let (status, body, sent_messages): (_, _, Option<Value>) = match req.path.as_str() {
         "/v2/bot/message/push" => {
             let count = serde_json::from_slice::<Value>(&req.body)
                 .ok()
@@ -497,28 +615,30 @@ fn accept(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
         let request_id = id.to_owned();
         let accepted = Accepted {
             request_id,
-            sent_messages,
+            sent_messages: sent_messages.clone(),
         };
         log.accepted.insert(scope, accepted);
     }
-    deliver(&mut log, req, id);
+    deliver(&mut log, req, id, sent_messages);
     (json_answer(status, id, body), true)
 }
 
-fn deliver(log: &mut Log, req: &Arrived, id: &str) {
+fn deliver(log: &mut Log, req: &Arrived, id: &str, sent_messages: Option<Value>) {
     log.deliveries.push(Delivery {
         path: req.path.clone(),
         retry_key: req.key.clone(),
         request_id: id.to_owned(),
         body: req.body.clone(),
         authorization: req.authorization.clone(),
+        sent_messages,
+        at: Instant::now(),
     });
 }
 
 fn other_endpoint(req: &Arrived, id: &str, state: &State) -> Response<Body> {
     match (&req.method, req.path.as_str()) {
         (&Method::POST, "/v2/bot/message/reply") => {
-            deliver(&mut state.log(), req, id);
+            deliver(&mut state.log(), req, id, None);
             json_answer(StatusCode::OK, id, json!({}))
         }
         (&Method::GET, "/v2/bot/info") => json_answer(

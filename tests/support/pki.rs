@@ -74,6 +74,23 @@ impl TestPki {
         Arc::new(config)
     }
 
+    /// A fresh leaf for `names` as PEM files (certificate, key) in this PKI's
+    /// directory, for servers that read their own (redis-server).
+    pub fn leaf_files(&self, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("leaf key");
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("leaf names are DNS names or IP literals");
+        let cert = params
+            .signed_by(&key, &self.ca_cert, &self.ca_key)
+            .expect("leaf cert");
+        let cert_path = self.dir.join("leaf.pem");
+        let key_path = self.dir.join("leaf.key");
+        std::fs::write(&cert_path, cert.pem()).expect("write leaf.pem");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write leaf.key");
+        (cert_path, key_path)
+    }
+
     /// Trusts only this CA; offers HTTP/1.1 by ALPN.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         self.client_config_alpn(&[b"http/1.1"])

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -18,6 +19,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::mock_line::MockLine;
+use super::{eventually, within};
+
+/// The longest a test waits for the proxy's answer: above the test proxy's request
+/// deadline (20 s), so a slow answer is still told from none.
+pub const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+/// The longest a test waits for the proxy to finish shutting down.
+pub const STOP_LIMIT: Duration = Duration::from_secs(20);
 
 /// Later flags override earlier ones, so a test can override the defaults below.
 #[derive(Parser)]
@@ -66,6 +74,10 @@ impl Proxy {
             "--request-deadline=20s".into(),
             "--shutdown-grace=10s".into(),
         ];
+        // LINE_RETRY_PROXY_TEST_STORE=redis: the same suite on the shared store.
+        if let Some(store) = super::redis::suite_store().await {
+            argv.push(format!("--store={store}"));
+        }
         argv.extend(extra.iter().map(|s| s.to_string()));
         let args = Args::try_parse_from(&argv).expect("test arguments parse");
         let config = Config::load(&args.serve).expect("test config is valid");
@@ -101,6 +113,24 @@ impl Proxy {
             let _ = stop.send(());
         }
         self.task.take().expect("stopped once")
+    }
+
+    /// Shuts down and waits (bounded) for the drain; returns whether everything drained.
+    pub async fn stop(mut self) -> bool {
+        let task = self.begin_stop();
+        within(STOP_LIMIT, "the proxy stopped", task)
+            .await
+            .expect("the proxy task did not panic")
+    }
+
+    /// Polls one metric until `ok` holds for its value, bounded; returns the value.
+    pub async fn wait_metric(&self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let what = format!("metric {series} reached the expected value");
+        eventually(Duration::from_secs(10), &what, || async {
+            let value = self.metric(series).await;
+            ok(value).then_some(value)
+        })
+        .await
     }
 
     pub async fn metrics(&self) -> String {
@@ -161,29 +191,54 @@ impl Reply {
     }
 }
 
-fn client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    // As bots' HTTP clients do; without it a delayed ACK can add ~40 ms to an exchange.
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(http)
 }
 
+/// One request on a fresh connection; panics if the proxy does not answer in full
+/// within [`ANSWER_LIMIT`].
 pub async fn send(
     method: Method,
     url: &str,
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Reply {
+    let what = format!("the proxy answered {method} {url}");
+    within(
+        ANSWER_LIMIT,
+        &what,
+        try_send(method.clone(), url, headers, body),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// One request on a fresh connection, unbounded: the caller bounds it (a bot with
+/// its own timeout) and decides what a failure means.
+pub async fn try_send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Reply, String> {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(body.into())).unwrap();
-    let res = client().request(req).await.expect("proxy answers");
+    let req = req
+        .body(Full::new(body.into()))
+        .map_err(|e| e.to_string())?;
+    let res = client().request(req).await.map_err(|e| format!("{e:?}"))?;
     let (parts, body) = res.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Reply {
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply {
         status: parts.status,
         headers: parts.headers,
         body,
-    }
+    })
 }
 
 pub const TOKEN: &str = "Bearer channel-token-a";

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -14,7 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::proxy::Reply;
+use super::proxy::{Reply, ANSWER_LIMIT};
+use super::within;
+
+/// The longest a test waits for a peer to close a connection it should close.
+pub const CLOSE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Sends `head` (a whole CONNECT request head) and reads the proxy's answer head.
 /// Returns the stream (positioned after the head) and the status code.
@@ -23,15 +28,18 @@ pub async fn connect_raw(proxy: SocketAddr, head: &str) -> (TcpStream, u16, Stri
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let mut byte = [0u8; 1];
-    while !answer.ends_with(b"\r\n\r\n") {
-        let n = stream.read(&mut byte).await.unwrap();
-        assert!(
-            n > 0,
-            "proxy closed during the CONNECT answer: {:?}",
-            String::from_utf8_lossy(&answer)
-        );
-        answer.push(byte[0]);
-    }
+    let read_head = async {
+        while !answer.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.unwrap();
+            assert!(
+                n > 0,
+                "proxy closed during the CONNECT answer: {:?}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.push(byte[0]);
+        }
+    };
+    within(ANSWER_LIMIT, "the proxy answered the CONNECT", read_head).await;
     let text = String::from_utf8_lossy(&answer).into_owned();
     let status = text
         .split_whitespace()
@@ -41,6 +49,7 @@ pub async fn connect_raw(proxy: SocketAddr, head: &str) -> (TcpStream, u16, Stri
     (stream, status, text)
 }
 
+/// CONNECT to `target`, asserting 200.
 pub async fn connect(proxy: SocketAddr, target: &str) -> TcpStream {
     let (stream, status, head) = connect_raw(
         proxy,
@@ -74,13 +83,18 @@ pub async fn tls(
     config: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let name = ServerName::try_from(sni.to_owned()).unwrap();
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, stream)
-        .await
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+    within(ANSWER_LIMIT, "the TLS handshake ended", handshake).await
 }
 
-/// One request over an established TLS stream, HTTP/2 if ALPN chose it.
+/// One request over an established TLS stream, HTTP/2 if ALPN chose it; bounded by
+/// [`ANSWER_LIMIT`].
 pub async fn request(stream: TlsStream<TcpStream>, req: Request<Full<Bytes>>) -> Reply {
+    let what = format!("the proxy answered {} inside the tunnel", req.uri());
+    within(ANSWER_LIMIT, &what, request_unbounded(stream, req)).await
+}
+
+async fn request_unbounded(stream: TlsStream<TcpStream>, req: Request<Full<Bytes>>) -> Reply {
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(stream);
     let res = if h2 {
@@ -113,19 +127,31 @@ pub fn push_request(uri: &str, token: &str, body: &str) -> Request<Full<Bytes>> 
 }
 
 /// Reads until the peer closes; true if it closed after at most a short goodbye (a TLS
-/// alert), false if it kept talking.
+/// alert), false if it kept talking. Fails the test if the peer neither closes nor
+/// talks within [`CLOSE_LIMIT`].
 pub async fn closed_by_peer(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 64];
     let mut received = 0;
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return true,
-            Ok(n) => received += n,
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => received += n,
+            }
+            if received > 64 {
+                return false;
+            }
         }
-        if received > 64 {
-            return false;
-        }
-    }
+    };
+    within(CLOSE_LIMIT, "the peer closed the connection", read).await
+}
+
+/// Reads a whole answer up to the peer's close, bounded by [`ANSWER_LIMIT`].
+pub async fn read_to_close(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    within(ANSWER_LIMIT, "the peer answered and closed", read).await?;
+    Ok(answer)
 }
 
 pub fn ok(status: StatusCode) -> bool {

@@ -1,0 +1,611 @@
+//! The chaos soak: many bots send unique messages over the four keyed endpoints and
+//! three channels through the proxy to a mock LINE that fails at random (500, accept
+//! then 500, hang, accept then hang, reset, accept then reset, delays). Each bot gives up
+//! on a try after its own timeout and resends the same request until it gets a 2xx.
+//! Halfway, the proxy is stopped and a new one (empty store, new port) takes over.
+//!
+//! At the end every logical send is matched with what LINE delivered: more than one
+//! delivery is a duplicate, a 2xx with none a phantom, no 2xx at all a loss, and a 2xx
+//! that does not carry the delivered message's ids a mismatch. Any of them fails.
+//!
+//! `cargo test --test chaos -- --nocapture` runs the short soak (also in CI) and prints
+//! its summary line; `cargo test --release --test chaos -- --ignored --nocapture` the
+//! long one. `LRP_CHAOS_SEED=<n>` repeats a run's fault draws.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde_json::{json, Value};
+use support::mock_line::{Chaos, Delivery, MockLine};
+use support::proxy::{Proxy, Reply, STOP_LIMIT};
+use support::within;
+use tokio::sync::watch;
+
+const TOKENS: [&str; 3] = [
+    "Bearer chaos-channel-a",
+    "Bearer chaos-channel-b",
+    "Bearer chaos-channel-c",
+];
+const ENDPOINTS: [(&str, StatusCode); 4] = [
+    ("/v2/bot/message/push", StatusCode::OK),
+    ("/v2/bot/message/multicast", StatusCode::OK),
+    ("/v2/bot/message/narrowcast", StatusCode::ACCEPTED),
+    ("/v2/bot/message/broadcast", StatusCode::OK),
+];
+
+/// The proxy as the soak runs it: short timeouts so faults cost little time, a
+/// request deadline longer than a bot's patience (so bots resend while the proxy still
+/// retries), a budget that leaves room for the fault rate, the default 24 h window.
+const PROXY_ARGS: [&str; 7] = [
+    "--attempt-timeout=400ms",
+    "--max-attempts=4",
+    "--retry-base-delay=20ms",
+    "--retry-max-delay=200ms",
+    "--request-deadline=2s",
+    "--retry-budget-min-per-second=100",
+    "--shutdown-grace=10s",
+];
+/// A bot's patience for one try.
+const BOT_TIMEOUT: Duration = Duration::from_millis(350);
+/// A bot's tries per logical send, the first included.
+const BOT_TRIES: u32 = 60;
+
+struct Plan {
+    sends: usize,
+    bots: usize,
+    /// Proxy restarts, spread evenly over the run.
+    restarts: usize,
+    /// The whole run, faults and restarts included, must end within this.
+    limit: Duration,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_short() {
+    soak(Plan {
+        sends: 300,
+        bots: 16,
+        restarts: 1,
+        limit: Duration::from_secs(90),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the long soak: cargo test --release --test chaos -- --ignored --nocapture"]
+async fn chaos_soak_long() {
+    soak(Plan {
+        sends: 5000,
+        bots: 48,
+        restarts: 3,
+        limit: Duration::from_secs(900),
+    })
+    .await;
+}
+
+/// One logical send: what the bot sends, every time it tries.
+struct Send {
+    token: &'static str,
+    path: &'static str,
+    success: StatusCode,
+    body: String,
+}
+
+fn plan_sends(seed: u64, n: usize) -> Vec<Send> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n)
+        .map(|i| {
+            let (path, success) = ENDPOINTS[rng.usize(..ENDPOINTS.len())];
+            let token = TOKENS[rng.usize(..TOKENS.len())];
+            let messages: Vec<Value> = (0..rng.usize(1..=3))
+                .map(|m| json!({"type": "text", "text": format!("chaos {seed} send {i} part {m}")}))
+                .collect();
+            let body = match path {
+                "/v2/bot/message/push" => json!({"to": format!("U{i:032x}"), "messages": messages}),
+                "/v2/bot/message/multicast" => {
+                    json!({"to": [format!("U{i:032x}"), "U0"], "messages": messages})
+                }
+                "/v2/bot/message/narrowcast" => {
+                    json!({"messages": messages, "filter": {"demographic": {"type": "gender", "oneOf": ["female"]}}})
+                }
+                _ => json!({"messages": messages}),
+            };
+            Send {
+                token,
+                path,
+                success,
+                body: body.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// What one bot made of one logical send.
+#[derive(Default)]
+struct Told {
+    /// The 2xx it finally got, if any.
+    answer: Option<Reply>,
+    /// A final non-2xx, non-5xx answer: never right for these sends.
+    refused: Option<Reply>,
+    tries: u32,
+    timeouts: u32,
+    connection_errors: u32,
+    server_errors: u32,
+    /// The 5xx answers by status and the proxy's reason (or `line` for LINE's own).
+    server_error_kinds: BTreeMap<String, u32>,
+    latency: Duration,
+}
+
+/// How the bots find the proxy of the moment, and how far the run has got.
+struct Shared {
+    sends: Vec<Send>,
+    next: AtomicUsize,
+    done: watch::Sender<usize>,
+    proxy: watch::Receiver<SocketAddr>,
+    told: Mutex<Vec<Option<Told>>>,
+}
+
+fn bot_client() -> Client<HttpConnector, Full<Bytes>> {
+    support::proxy::client()
+}
+
+async fn try_once(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    send: &Send,
+) -> Result<Reply, String> {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{addr}{}", send.path))
+        .header("authorization", send.token)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(send.body.clone())))
+        .map_err(|e| e.to_string())?;
+    let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// A bot: takes the next logical send, tries until a 2xx (or its tries run out),
+/// resending the very same request after a timeout, a 5xx or a broken connection.
+async fn bot(shared: Arc<Shared>, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let client = bot_client();
+    let mut proxy = shared.proxy.clone();
+    loop {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        let Some(send) = shared.sends.get(i) else {
+            return;
+        };
+        let started = Instant::now();
+        let mut told = Told::default();
+        while told.tries < BOT_TRIES {
+            told.tries += 1;
+            let addr = *proxy.borrow_and_update();
+            match tokio::time::timeout(BOT_TIMEOUT, try_once(&client, addr, send)).await {
+                Ok(Ok(reply)) if reply.status.is_success() => {
+                    told.answer = Some(reply);
+                    break;
+                }
+                Ok(Ok(reply)) if reply.status.is_server_error() => {
+                    told.server_errors += 1;
+                    let reason = reply
+                        .headers
+                        .get("x-line-retry-proxy-error")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("line");
+                    let kind = format!("{} {reason}", reply.status.as_u16());
+                    *told.server_error_kinds.entry(kind).or_default() += 1;
+                }
+                Ok(Ok(reply)) => {
+                    told.refused = Some(reply);
+                    break;
+                }
+                Ok(Err(_)) => {
+                    told.connection_errors += 1;
+                    // The proxy may be restarting: wait a little for the next one.
+                    let _ = tokio::time::timeout(Duration::from_millis(300), proxy.changed()).await;
+                }
+                Err(_) => told.timeouts += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(rng.u64(10..=80))).await;
+        }
+        told.latency = started.elapsed();
+        shared.told.lock().unwrap()[i] = Some(told);
+        shared.done.send_modify(|n| *n += 1);
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    deliveries: usize,
+    duplicates: Vec<String>,
+    phantoms: Vec<String>,
+    losses: Vec<String>,
+    /// Losses whose message LINE did deliver: the bot never learned it.
+    unconfirmed: usize,
+    mismatched: Vec<String>,
+    strays: usize,
+    outcomes: BTreeMap<String, usize>,
+    tries: u64,
+    timeouts: u64,
+    connection_errors: u64,
+    server_errors: u64,
+    server_error_kinds: BTreeMap<String, u64>,
+    latencies: Vec<Duration>,
+}
+
+fn tally(sends: &[Send], told: Vec<Option<Told>>, deliveries: Vec<Delivery>) -> Tally {
+    let mut t = Tally {
+        deliveries: deliveries.len(),
+        ..Tally::default()
+    };
+    let mut by_send: HashMap<(Option<String>, String, Bytes), Vec<Delivery>> = HashMap::new();
+    for d in deliveries {
+        by_send
+            .entry((d.authorization.clone(), d.path.clone(), d.body.clone()))
+            .or_default()
+            .push(d);
+    }
+    for (i, (send, told)) in sends.iter().zip(told).enumerate() {
+        let told = told.unwrap_or_default();
+        let key = (
+            Some(send.token.to_owned()),
+            send.path.to_owned(),
+            Bytes::from(send.body.clone()),
+        );
+        let delivered = by_send.remove(&key).unwrap_or_default();
+        t.tries += u64::from(told.tries);
+        t.timeouts += u64::from(told.timeouts);
+        t.connection_errors += u64::from(told.connection_errors);
+        t.server_errors += u64::from(told.server_errors);
+        for (kind, n) in &told.server_error_kinds {
+            *t.server_error_kinds.entry(kind.clone()).or_default() += u64::from(*n);
+        }
+        let what = format!("send {i} ({} {})", send.path, &send.token[7..]);
+        if delivered.len() > 1 {
+            t.duplicates
+                .push(format!("{what}: delivered {} times", delivered.len()));
+        }
+        if let Some(refused) = &told.refused {
+            t.mismatched.push(format!(
+                "{what}: answered {} {:?}",
+                refused.status, refused.body
+            ));
+        }
+        let Some(answer) = told.answer else {
+            if told.refused.is_none() {
+                t.losses.push(format!(
+                    "{what}: no 2xx in {} tries ({} timeouts, {} 5xx, {} broken), {} deliveries",
+                    told.tries,
+                    told.timeouts,
+                    told.server_errors,
+                    told.connection_errors,
+                    delivered.len()
+                ));
+                t.unconfirmed += usize::from(!delivered.is_empty());
+            }
+            continue;
+        };
+        t.latencies.push(told.latency);
+        let outcome = answer.outcome_or_none().unwrap_or("none").to_owned();
+        *t.outcomes.entry(outcome.clone()).or_default() += 1;
+        let Some(delivery) = delivered.first() else {
+            t.phantoms.push(format!(
+                "{what}: the bot got {outcome} {} but LINE delivered nothing",
+                answer.status
+            ));
+            continue;
+        };
+        if let Some(wrong) = mismatch(send, &answer, delivery) {
+            t.mismatched.push(format!("{what} ({outcome}): {wrong}"));
+        }
+    }
+    t.strays = by_send.values().map(Vec::len).sum();
+    t
+}
+
+/// Whether the bot's answer is the one for the delivered message; `Some` says how not.
+fn mismatch(send: &Send, answer: &Reply, delivery: &Delivery) -> Option<String> {
+    if answer.status != send.success {
+        return Some(format!("status {} for a {}", answer.status, send.success));
+    }
+    let header = |name: &str| answer.headers.get(name).and_then(|v| v.to_str().ok());
+    if header("x-line-request-id") != Some(delivery.request_id.as_str()) {
+        return Some(format!(
+            "request id {:?}, LINE accepted {}",
+            header("x-line-request-id"),
+            delivery.request_id
+        ));
+    }
+    if header("x-line-retry-key") != delivery.retry_key.as_deref() {
+        return Some(format!(
+            "key {:?}, delivered under {:?}",
+            header("x-line-retry-key"),
+            delivery.retry_key
+        ));
+    }
+    let body: Value = match serde_json::from_slice(&answer.body) {
+        Ok(body) => body,
+        Err(_) => return Some(format!("not JSON: {:?}", answer.body)),
+    };
+    let expected = match &delivery.sent_messages {
+        Some(sent) => json!({ "sentMessages": sent }),
+        None => json!({}),
+    };
+    (body != expected).then(|| format!("body {body}, LINE answered {expected}"))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn seed() -> u64 {
+    std::env::var("LRP_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..))
+}
+
+async fn soak(plan: Plan) {
+    let seed = seed();
+    let started = Instant::now();
+    let run = run(&plan, seed);
+    let what = format!("the chaos soak (seed {seed}) finished");
+    let (tally, faults, refusals) = within(plan.limit, &what, run).await;
+    let elapsed = started.elapsed();
+
+    let mut latencies = tally.latencies.clone();
+    latencies.sort();
+    let faults_total: usize = faults.values().sum();
+    println!(
+        "chaos: seed={seed} sends={} deliveries={} duplicates={} losses={} phantoms={} mismatched={} strays={} \
+         p50={:?} p99={:?} max={:?} tries={} bot_timeouts={} bot_5xx={} {:?} bot_broken={} unconfirmed={} \
+         outcomes={:?} faults={faults:?} budget_refusals={refusals} restarts={} elapsed={elapsed:.1?}",
+        plan.sends,
+        tally.deliveries,
+        tally.duplicates.len(),
+        tally.losses.len(),
+        tally.phantoms.len(),
+        tally.mismatched.len(),
+        tally.strays,
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default(),
+        tally.tries,
+        tally.timeouts,
+        tally.server_errors,
+        tally.server_error_kinds,
+        tally.connection_errors,
+        tally.unconfirmed,
+        tally.outcomes,
+        plan.restarts,
+    );
+
+    let show = |list: &[String]| {
+        list.iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    };
+    assert!(
+        tally.duplicates.is_empty(),
+        "seed {seed}: duplicates:\n  {}",
+        show(&tally.duplicates)
+    );
+    assert!(
+        tally.phantoms.is_empty(),
+        "seed {seed}: phantoms:\n  {}",
+        show(&tally.phantoms)
+    );
+    assert!(
+        tally.mismatched.is_empty(),
+        "seed {seed}: mismatched answers:\n  {}",
+        show(&tally.mismatched)
+    );
+    assert!(
+        tally.losses.is_empty(),
+        "seed {seed}: losses:\n  {}",
+        show(&tally.losses)
+    );
+    assert_eq!(tally.strays, 0, "seed {seed}: deliveries no bot sent");
+    assert_eq!(
+        tally.deliveries, plan.sends,
+        "seed {seed}: one delivery per send"
+    );
+    // A soak that met no trouble proves nothing.
+    assert!(
+        faults_total >= plan.sends / 10,
+        "seed {seed}: only {faults_total} faults"
+    );
+    assert!(
+        tally.timeouts > 0 && tally.tries > plan.sends as u64,
+        "seed {seed}: the bots never had to resend"
+    );
+    assert!(
+        tally
+            .outcomes
+            .get("conflict-resolved")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "seed {seed}: no lost answer was ever resolved from LINE's 409"
+    );
+}
+
+/// Runs the bots against the proxy (restarting it as planned) and returns the tally,
+/// the faults the mock applied, and the retries the proxies' budget refused (counted
+/// up to each proxy's stop).
+async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>, f64) {
+    const REFUSED: &str = "line_retry_proxy_retry_budget_exhausted_total";
+    let mock = MockLine::start().await;
+    mock.chaos(Chaos {
+        seed,
+        status_500: 0.05,
+        accept_then_500: 0.05,
+        hang: 0.02,
+        accept_then_hang: 0.03,
+        reset: 0.01,
+        accept_then_reset: 0.02,
+        delay: 0.15,
+        max_delay: Duration::from_millis(400),
+    });
+    let mut proxy = Proxy::start(&mock, &PROXY_ARGS).await;
+    let mut refused = 0.0;
+    let (to_bots, proxy_addr) = watch::channel(proxy.addr);
+    let (done, mut progress) = watch::channel(0usize);
+    let shared = Arc::new(Shared {
+        sends: plan_sends(seed, plan.sends),
+        next: AtomicUsize::new(0),
+        done,
+        proxy: proxy_addr,
+        told: Mutex::new((0..plan.sends).map(|_| None).collect()),
+    });
+    let bots: Vec<_> = (0..plan.bots)
+        .map(|b| tokio::spawn(bot(shared.clone(), seed.wrapping_add(b as u64 + 1))))
+        .collect();
+
+    for restart in 1..=plan.restarts {
+        let at = plan.sends * restart / (plan.restarts + 1);
+        progress
+            .wait_for(|n| *n >= at)
+            .await
+            .expect("the run holds the sender");
+        // A restart: the old proxy drains and goes, a new one with an empty store
+        // starts on another port, and the bots follow.
+        // (The admin port goes with the proxy: its count is read first.)
+        refused += proxy.metric(REFUSED).await;
+        let stopping = proxy.begin_stop();
+        let drained = within(STOP_LIMIT, "the proxy drained before its restart", stopping);
+        assert!(
+            drained.await.unwrap(),
+            "the proxy drained before its restart"
+        );
+        proxy = Proxy::start(&mock, &PROXY_ARGS).await;
+        to_bots.send_replace(proxy.addr);
+    }
+    for bot in bots {
+        bot.await.expect("a bot did not panic");
+    }
+    // Let the last proxy finish whatever the bots left running, so LINE's record is final.
+    refused += proxy.metric(REFUSED).await;
+    let stopping = proxy.begin_stop();
+    let drained = within(STOP_LIMIT, "the last proxy drained", stopping);
+    assert!(drained.await.unwrap(), "the last proxy drained");
+    mock.calm();
+
+    let told = std::mem::take(&mut *shared.told.lock().unwrap());
+    (
+        tally(&shared.sends, told, mock.deliveries()),
+        mock.faults_applied(),
+        refused,
+    )
+}
+
+/// The tally is what makes the soak fail: it must see each kind of failure.
+#[test]
+fn the_tally_sees_each_kind_of_failure() {
+    let sends = plan_sends(7, 6);
+    let delivery = |send: &Send, id: &str| Delivery {
+        path: send.path.to_owned(),
+        retry_key: Some("k".into()),
+        request_id: id.to_owned(),
+        body: Bytes::from(send.body.clone()),
+        authorization: Some(send.token.to_owned()),
+        sent_messages: (send.path == "/v2/bot/message/push").then(|| json!([{"id": id}])),
+        at: Instant::now(),
+    };
+    let answer = |status: StatusCode, id: &str, body: Value| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-line-request-id", id.parse().unwrap());
+        headers.insert("x-line-retry-key", "k".parse().unwrap());
+        headers.insert("x-line-retry-proxy", "fresh".parse().unwrap());
+        Reply {
+            status,
+            headers,
+            body: Bytes::from(body.to_string()),
+        }
+    };
+    let right_body = |send: &Send, id: &str| match send.path {
+        "/v2/bot/message/push" => json!({"sentMessages": [{"id": id}]}),
+        _ => json!({}),
+    };
+    let told = |reply: Option<Reply>| {
+        Some(Told {
+            answer: reply,
+            tries: 1,
+            ..Told::default()
+        })
+    };
+    let deliveries = vec![
+        // 0: right. 1: delivered twice. 2: never delivered (phantom).
+        // 3: delivered, the bot told another id (mismatch). 4: the bot never got a 2xx.
+        // 5: right; and one delivery no bot sent.
+        delivery(&sends[0], "a"),
+        delivery(&sends[1], "b"),
+        delivery(&sends[1], "b2"),
+        delivery(&sends[3], "d"),
+        delivery(&sends[5], "f"),
+        Delivery {
+            body: Bytes::from_static(b"{}"),
+            ..delivery(&sends[0], "z")
+        },
+    ];
+    let ok = |i: usize, id: &str| {
+        let send = &sends[i];
+        told(Some(answer(send.success, id, right_body(send, id))))
+    };
+    let told = vec![
+        ok(0, "a"),
+        ok(1, "b"),
+        ok(2, "c"),
+        ok(3, "not-d"),
+        told(None),
+        ok(5, "f"),
+    ];
+    let t = tally(&sends, told, deliveries);
+    assert_eq!(t.deliveries, 6);
+    assert_eq!(t.duplicates.len(), 1, "{:?}", t.duplicates);
+    assert!(t.duplicates[0].starts_with("send 1 "));
+    assert_eq!(t.phantoms.len(), 1, "{:?}", t.phantoms);
+    assert!(t.phantoms[0].starts_with("send 2 "));
+    assert_eq!(t.mismatched.len(), 1, "{:?}", t.mismatched);
+    assert!(t.mismatched[0].starts_with("send 3 "));
+    assert_eq!(t.losses.len(), 1, "{:?}", t.losses);
+    assert!(t.losses[0].starts_with("send 4 "));
+    assert_eq!(t.strays, 1);
+
+    // Each part of an answer is checked against the delivery.
+    let send = &sends[0];
+    let d = delivery(send, "a");
+    let right = answer(send.success, "a", right_body(send, "a"));
+    assert_eq!(mismatch(send, &right, &d), None);
+    let wrong_status = answer(StatusCode::CREATED, "a", right_body(send, "a"));
+    assert!(mismatch(send, &wrong_status, &d).is_some());
+    let wrong_body = answer(send.success, "a", json!({"sentMessages": [{"id": "x"}]}));
+    assert!(mismatch(send, &wrong_body, &d).is_some());
+    let mut wrong_key = answer(send.success, "a", right_body(send, "a"));
+    wrong_key
+        .headers
+        .insert("x-line-retry-key", "other".parse().unwrap());
+    assert!(mismatch(send, &wrong_key, &d).is_some());
+}
