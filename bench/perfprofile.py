@@ -9,7 +9,7 @@ import tempfile
 import time
 
 from benchlib import (
-    PUSH, Proxy, cleanup, cpu_seconds, env_int, free_port, machine_info, make_pki, proc_tree,
+    PUSH, Proxy, cleanup, cpu_split, env_int, free_port, machine_info, make_pki, proc_tree,
     run_wrk, start_nginx, stop_all,
 )
 
@@ -49,23 +49,25 @@ def profile(smoke):
             pids = pids()
             perf = subprocess.Popen(
                 ["perf", *perf_argv, "-p", ",".join(map(str, pids)), "--", "sleep",
-                 str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(0.2)  # perf attached before the load starts
-            cpu0 = cpu_seconds(pids)
+                 str(seconds + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.3)  # perf watches from before the load starts until after it ends
+            user0, sys0 = cpu_split(pids)
             r = run_wrk(url, seconds, conns, threads, f"{nonce}{os.getpid()}{time.time()}")
-            cpu = cpu_seconds(pids) - cpu0
+            user1, sys1 = cpu_split(pids)
             _, err = perf.communicate(timeout=seconds + 120)
             if perf.returncode:
                 sys.exit(f"perf {perf_argv[0]} failed: {err.decode(errors='replace')}")
-            return r, cpu * 1e6 / r["requests"]
+            n = r["requests"]
+            return r, ((user1 - user0) + (sys1 - sys0)) * 1e6 / n, (user1 - user0) * 1e6 / n
 
         per_req = {}
         for target in ("nginx", "proxy"):
             stat = os.path.join(out, f"perf-stat-{target}.txt")
             events = SOFT + (SYSCALLS if tracepoints() else [])
-            r, us = under(["stat", "-x", ",", "-o", stat, "-e", ",".join(events)], target,
-                          "stat")
-            per_req[target] = {"req/s": r["requests"] / r["seconds"], "CPU us": us}
+            r, us, user_us = under(["stat", "-x", ",", "-o", stat, "-e", ",".join(events)],
+                                   target, "stat")
+            per_req[target] = {"req/s": r["requests"] / r["seconds"], "CPU us": us,
+                               "  of it user us": user_us, "  of it kernel us": us - user_us}
             with open(stat) as f:
                 for line in f:
                     parts = line.strip().split(",")
@@ -81,7 +83,7 @@ def profile(smoke):
                   f"{fmt.format(per_req['proxy'][key]):>18}")
 
         data = os.path.join(out, "perf.data")
-        _, us_per_req = under(["record", "-e", "cpu-clock", "-F",
+        _, us_per_req, _ = under(["record", "-e", "cpu-clock", "-F",
                                os.environ.get("PERF_FREQ", "999"), "--call-graph",
                                "dwarf,16384", "-o", data], "proxy", "record")
         script = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym,dso"],
@@ -110,7 +112,7 @@ def tracepoints():
 # the logger's own allocations and write(2) count as logging, the kernel's work under
 # rustls as upstream socket I/O, and a malloc under hyper as allocation.
 INCLUSIVE = [
-    ("logging (tracing, JSON, write to the log)", r"tracing_subscriber|tracing_core::event|"
+    ("logging (request span, access line, write)", r"tracing_subscriber|tracing_core::event|"
      r"tracing::__macro_support|line_retry_proxy::telemetry"),
     ("metrics", r"line_retry_proxy::metrics"),
     ("fingerprint + key (sha2, uuid)", r"sha2::|uuid::|pipeline::fingerprint|pipeline::key"),
@@ -132,16 +134,20 @@ USER = [
 ]
 # Inclusive: the share of samples with this function anywhere on the stack (they overlap).
 SPANS = [
-    ("bot connection (hyper server, the keyed path)", r"listener::serve_connection"),
-    ("  pipeline::handle (all but the upstream task)", r"pipeline::handle"),
+    ("bot connection task (hyper server + handler)", r"listener::serve_connection"),
+    ("  Pipeline::handle (all but the upstream task)", r"pipeline::handle|Pipeline::handle"),
     ("    fingerprint + key", r"pipeline::fingerprint|pipeline::key"),
     ("    store claim", r"Store>::claim"),
     ("    spawn of the upstream task", r"tokio::task::spawn::spawn"),
-    ("    access log line", r"tracing_core::event|tracing_subscriber"),
-    ("upstream task: Upstream::request (hyper-util)", r"Upstream::request"),
-    ("upstream task: settle + store settle", r"pipeline::settle|Ticket>::settle"),
-    ("upstream connection (hyper client)", r"hyper::client::conn"),
-    ("  rustls (TLS + its socket I/O)", r"rustls"),
+    ("    request span (new, record, enter, close)", r"Subscriber>::(new_span|record|enter|"
+     r"exit|try_close|clone_span)|Registry as .*(new_span|try_close)"),
+    ("    access log line (event)", r"Subscriber>::event"),
+    ("upstream task (the spawned send + settle)", r"own::\{\{closure\}\}::\{\{closure\}\}"),
+    ("  Upstream::request (hyper-util Client)", r"Upstream>?::request"),
+    ("  settle + store settle", r"pipeline::settle|Ticket>::settle"),
+    ("upstream connection task (hyper client conn)", r"role::Client|futures_util::future::"
+     r"future::Map<Fut,F> as"),
+    ("rustls (TLS + its socket I/O), both tasks", r"rustls"),
     ("kernel (leaf in the kernel)", r"^\[kernel"),
 ]
 
