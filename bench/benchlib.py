@@ -142,9 +142,12 @@ def reset_peak_rss(pids):
 
 
 def machine_ticks():
+    """(all, process time) ticks of the whole machine: process time is user + nice + system,
+    leaving out idle, I/O wait, interrupts, softirqs (often not charged to any process) and
+    time stolen by the hypervisor."""
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
-    return sum(cpu), cpu[3] + cpu[4]  # all, idle + iowait
+    return sum(cpu), cpu[0] + cpu[1] + cpu[2]
 
 
 def machine_info():
