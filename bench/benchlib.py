@@ -142,12 +142,12 @@ def reset_peak_rss(pids):
 
 
 def machine_ticks():
-    """(all, process time) ticks of the whole machine: process time is user + nice + system,
-    leaving out idle, I/O wait, interrupts, softirqs (often not charged to any process) and
-    time stolen by the hypervisor."""
+    """(all, process, stolen) ticks of the whole machine: process time is user + nice +
+    system, leaving out idle, I/O wait, interrupts, softirqs (often charged to no process)
+    and the time the hypervisor gave to other guests (steal)."""
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
-    return sum(cpu), cpu[0] + cpu[1] + cpu[2]
+    return sum(cpu), cpu[0] + cpu[1] + cpu[2], cpu[7] if len(cpu) > 7 else 0
 
 
 def machine_info():
@@ -311,7 +311,8 @@ def settle(proxy, timeout=20):
     last, end = None, time.monotonic() + timeout
     while time.monotonic() < end:
         m = proxy.metrics()
-        now = (metric(m, "line_retry_proxy_store_entries"), metric(m, "line_retry_proxy_store_bytes"))
+        now = (metric(m, "line_retry_proxy_store_entries"),
+               metric(m, "line_retry_proxy_store_bytes"))
         if now == last:
             return m
         last = now

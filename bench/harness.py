@@ -116,9 +116,9 @@ def wait_quiet(limit, idle_enough=0.9):
     quiet it stayed."""
     end = time.monotonic() + limit
     while time.monotonic() < end:
-        all0, proc0 = machine_ticks()
+        all0, proc0, _ = machine_ticks()
         time.sleep(1)
-        all1, proc1 = machine_ticks()
+        all1, proc1, _ = machine_ticks()
         if proc1 - proc0 <= (1 - idle_enough) * (all1 - all0):
             return
 
@@ -135,15 +135,16 @@ def measure(pids, ours, drive, proxy, expect):
     reset_peak_rss(pids)
     before_m = proxy.metrics() if proxy else None
     cpu0, ours0, load0 = cpu_seconds(pids), cpu_seconds(ours), children_cpu()
-    all0, proc0 = machine_ticks()
+    all0, proc0, steal0 = machine_ticks()
     r = drive()
-    all1, proc1 = machine_ticks()
+    all1, proc1, steal1 = machine_ticks()
     cpu1, ours1, load1 = cpu_seconds(pids), cpu_seconds(ours), children_cpu()
     r["rps"] = r["requests"] / r["seconds"] if r["seconds"] else 0.0
     r["cpu_ms_per_1k"] = (cpu1 - cpu0) * 1e6 / r["requests"] if r["requests"] else 0.0
     r["peak_rss_kb"] = sum(status_kb(p, "VmHWM") for p in pids)
     foreign = (proc1 - proc0) / TICK - (ours1 - ours0) - (load1 - load0)
     r["foreign_cpu"] = max(0.0, 100.0 * foreign / max(1e-9, (all1 - all0) / TICK))
+    r["steal"] = 100.0 * (steal1 - steal0) / max(1, all1 - all0)
     r["chain_ms_per_1k"] = ((ours1 - ours0) + (load1 - load0)) * 1e6 / max(1, r["requests"])
     r["check"] = None
     if proxy:
@@ -160,6 +161,16 @@ def measure(pids, ours, drive, proxy, expect):
     return r
 
 
+LEGEND = """\
+req/s, p50, p99: medians over rounds; +p99: over direct's; ratios of req/s: per round, then
+the median. other: the largest share of the machine's CPU that processes outside the
+benchmark took during a run; steal: the largest share the hypervisor gave to other guests
+(above a few %, every number here is disturbed). server CPU: of the server under test
+(nginx: master + workers); all CPU: of the load generator, both nginx and the proxy
+together; x nginx by CPU: nginx's all CPU over this mode's, the throughput ratio to expect
+when the benchmark has the machine to itself; peak RSS: VmHWM during the run."""
+
+
 def report(results, smoke):
     med = lambda name, key: statistics.median(r[key] for r in results[name])
     rounds = len(results["direct"])
@@ -172,7 +183,7 @@ def report(results, smoke):
         1, sum(r["requests"] for r in results[name]))
     direct_p99 = med("direct", "p99_us")
     print(f"\n{'mode':<21}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'+p99 ms':>9}{'x direct':>9}"
-          f"{'x nginx':>8}{'other':>7}  check")
+          f"{'x nginx':>8}{'other':>7}{'steal':>6}  check")
     for name, rs in results.items():
         check = ""
         if rs[0]["check"] is not None:
@@ -184,7 +195,8 @@ def report(results, smoke):
         print(f"{name:<21}{med(name, 'rps'):>9,.0f}{med(name, 'p50_us') / 1e3:>8.2f}"
               f"{med(name, 'p99_us') / 1e3:>8.2f}{(med(name, 'p99_us') - direct_p99) / 1e3:>+9.2f}"
               f"{ratio(name, 'direct'):>9.2f}{ratio(name, 'nginx proxy'):>8.2f}"
-              f"{max(r['foreign_cpu'] for r in rs):>6.0f}%  {check}")
+              f"{max(r['foreign_cpu'] for r in rs):>6.0f}%{max(r['steal'] for r in rs):>5.0f}%"
+              f"  {check}")
     print(f"\n{'mode':<21}{'server CPU':>11}{'all CPU':>9}{'x nginx':>9}{'peak RSS':>11}")
     print(f"{'':<21}{'ms/1k req':>11}{'ms/1k':>9}{'by CPU':>9}{'of server':>11}")
     chain_nginx = per_1k("nginx proxy", "chain_ms_per_1k")
@@ -193,13 +205,7 @@ def report(results, smoke):
         print(f"{name:<21}{per_1k(name, 'cpu_ms_per_1k'):>11.1f}{chain:>9.1f}"
               f"{chain_nginx / chain if chain else 0:>9.2f}"
               f"{max(r['peak_rss_kb'] for r in rs) / 1024:>9.1f}Mi")
-    print("req/s, p50, p99: medians over rounds; +p99: over direct's; ratios of req/s: per "
-          "round, then the\nmedian; other: the largest share of the machine's CPU that "
-          "processes outside the benchmark\ntook during a run (above a few % every number "
-          "here is disturbed). server CPU: of the server\nunder test (nginx: master + "
-          "workers); all CPU: of the load generator, both nginx and the proxy\ntogether; "
-          "x nginx by CPU: nginx's all CPU / this mode's, the throughput ratio to expect "
-          "when\nthe benchmark has the machine to itself; peak RSS: VmHWM during the run.")
+    print(LEGEND)
     nginx_p99_added = med("nginx proxy", "p99_us") - direct_p99
     proxy_p99_added = med("proxy unique", "p99_us") - direct_p99
     cpu_of = lambda n: per_1k(n, "cpu_ms_per_1k")
