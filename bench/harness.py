@@ -212,7 +212,7 @@ def report(results, smoke):
     same_client = statistics.median(results["HTTPS_PROXY unique*"][i]["rps"]
                                     / results["base-URL unique*"][i]["rps"]
                                     for i in range(rounds))
-    print(f"\ntargets of issue 12{' (smoke: too short to mean anything)' if smoke else ''}:")
+    print(f"\ntargets{' (smoke: too short to mean anything)' if smoke else ''}:")
     for label, value, goal, ok in (
         ("base-URL unique vs nginx, throughput", ratio("proxy unique", "nginx proxy"), ">= 1.00x",
          ratio("proxy unique", "nginx proxy") >= 1.0),
