@@ -71,6 +71,9 @@ def stop_all():
 
 
 def on_signal(signum, _frame):
+    # Once: a second signal must not cut short the cleanup the first one started.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

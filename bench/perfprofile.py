@@ -29,6 +29,7 @@ def profile(smoke):
     conns, threads = env_int("CONNECTIONS", 32), env_int("THREADS", 2)
     d = tempfile.mkdtemp(prefix="lrp-bench-prof-")
     out = os.environ.get("PERF_OUT") or d
+    os.makedirs(out, exist_ok=True)
     try:
         make_pki(d)
         up_port, ng_port = free_port(), free_port()
@@ -97,8 +98,7 @@ def profile(smoke):
         return 0
     finally:
         stop_all()
-        if not os.environ.get("PERF_OUT"):
-            cleanup(d)
+        cleanup(d)
 
 
 def tracepoints():
