@@ -71,6 +71,9 @@ def stop_all():
 
 
 def on_signal(signum, _frame):
+    # Once: a second signal must not cut short the cleanup the first one started.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -110,13 +113,18 @@ def proc_tree(pid):
     return pids
 
 
-def cpu_seconds(pids):
-    total = 0
+def cpu_split(pids):
+    """(user, system) CPU seconds of `pids`, from utime and stime in /proc/PID/stat."""
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / TICK
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / TICK, system / TICK
+
+
+def cpu_seconds(pids):
+    return sum(cpu_split(pids))
 
 
 def status_kb(pid, field):
@@ -137,9 +145,12 @@ def reset_peak_rss(pids):
 
 
 def machine_ticks():
+    """(all, process, stolen) ticks of the whole machine: process time is user + nice +
+    system, leaving out idle, I/O wait, interrupts, softirqs (often charged to no process)
+    and the time the hypervisor gave to other guests (steal)."""
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
-    return sum(cpu), cpu[3] + cpu[4]  # all, idle + iowait
+    return sum(cpu), cpu[0] + cpu[1] + cpu[2], cpu[7] if len(cpu) > 7 else 0
 
 
 def machine_info():
@@ -303,7 +314,8 @@ def settle(proxy, timeout=20):
     last, end = None, time.monotonic() + timeout
     while time.monotonic() < end:
         m = proxy.metrics()
-        now = (metric(m, "line_retry_proxy_store_entries"), metric(m, "line_retry_proxy_store_bytes"))
+        now = (metric(m, "line_retry_proxy_store_entries"),
+               metric(m, "line_retry_proxy_store_bytes"))
         if now == last:
             return m
         last = now

@@ -12,7 +12,4 @@ if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
   CARGO_TARGET_DIR="$PWD/target" cargo build --release --locked --quiet \
     --manifest-path bench/connect-load/Cargo.toml
 fi
-python3 bench/harness.py throughput "$@"
-if [[ "${1:-}" == "--smoke" ]]; then
-  python3 bench/harness.py memory --smoke
-fi
+exec python3 bench/harness.py throughput "$@"
