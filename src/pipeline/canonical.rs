@@ -235,7 +235,7 @@ fn write_string(text: &str, out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -300,7 +300,9 @@ mod tests {
         assert_eq!(canonical(&[b'"', 0xff, b'"']), None);
     }
 
-    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    /// Arbitrary JSON values, hard strings and integers past i64 included; shared with
+    /// the fingerprint's property tests.
+    pub(crate) fn json_value() -> impl Strategy<Value = serde_json::Value> {
         let leaf = prop_oneof![
             any::<bool>().prop_map(serde_json::Value::from),
             any::<i64>().prop_map(serde_json::Value::from),

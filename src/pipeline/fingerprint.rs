@@ -69,6 +69,7 @@ fn field(h: &mut Sha256, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::canonical::tests::json_value;
     use http::HeaderValue;
     use proptest::prelude::*;
 
@@ -161,21 +162,6 @@ mod tests {
             fp(&a, "/p", None, b"{}", true),
             fp(&a, "/p", None, b"{} x", true)
         );
-    }
-
-    fn json_value() -> impl Strategy<Value = serde_json::Value> {
-        let leaf = prop_oneof![
-            any::<bool>().prop_map(serde_json::Value::from),
-            any::<i64>().prop_map(serde_json::Value::from),
-            "[a-z😀 ]{0,8}".prop_map(serde_json::Value::from),
-        ];
-        leaf.prop_recursive(3, 24, 4, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
-                prop::collection::btree_map("[a-z]{1,4}", inner, 0..4)
-                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
-            ]
-        })
     }
 
     proptest! {
