@@ -21,6 +21,7 @@
 //!                   and the body type
 //! ```
 //! [`admin_client`] is the command line's side of the admin port (`healthcheck`, `stats`).
+//! [`demo`] is a second composition root beside `main`: the `demo` subcommand.
 //!
 //! # The request path, phase by phase (DESIGN.md)
 //! 1. [`pipeline::classify`]: one of the four keyed endpoints, or passthrough
@@ -39,6 +40,7 @@ pub mod admin_client;
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod edge;
 pub mod error;

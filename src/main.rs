@@ -13,6 +13,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use line_retry_proxy::admin_client;
 use line_retry_proxy::app::{self, App, StartError};
 use line_retry_proxy::config::{Config, ServeArgs};
+use line_retry_proxy::demo::{self, DemoArgs};
 use line_retry_proxy::edge::intercept::ca::{CaPlan, CertificateAuthority};
 use line_retry_proxy::telemetry;
 
@@ -44,6 +45,8 @@ enum Command {
     Healthcheck(AdminArgs),
     /// Print a table of the running proxy's metrics
     Stats(AdminArgs),
+    /// Show, without a LINE account, what the proxy does for a bot that resends on errors
+    Demo(DemoArgs),
 }
 
 #[derive(clap::Args)]
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
         None => serve(cli.serve, auth_on_command_line),
         Some(Command::Serve(args)) => serve(args, auth_on_command_line),
         Some(Command::Ca(args)) => ca(&args),
+        Some(Command::Demo(args)) => demo::main(&args),
         Some(Command::CheckConfig(args)) => match Config::load(&args) {
             Ok(config) => {
                 print!("{}", config.describe());
