@@ -1,0 +1,175 @@
+//! `line-retry-proxy demo` as a user runs it: the real binary, its table read back and
+//! checked for coherence. The bare bot must show duplicates (the point of the demo),
+//! the proxied one none and no loss, and the same seed must give the same faults.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use support::output_within;
+
+const BIN: &str = env!("CARGO_BIN_EXE_line-retry-proxy");
+/// A 60-send demo takes about a second; this bounds a hung one.
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Table {
+    /// Label → (bot -> LINE, bot -> proxy -> LINE); "-" where a column has no value.
+    rows: HashMap<String, (String, String)>,
+    text: String,
+}
+
+impl Table {
+    fn bare(&self, label: &str) -> u64 {
+        self.cell(label, |(bare, _)| bare)
+    }
+
+    fn proxied(&self, label: &str) -> u64 {
+        self.cell(label, |(_, proxied)| proxied)
+    }
+
+    fn cell(&self, label: &str, pick: fn(&(String, String)) -> &String) -> u64 {
+        let row = self
+            .rows
+            .get(label)
+            .unwrap_or_else(|| panic!("no row {label:?} in:\n{}", self.text));
+        pick(row)
+            .parse()
+            .unwrap_or_else(|_| panic!("row {label:?} is not a number:\n{}", self.text))
+    }
+}
+
+/// Runs the demo; returns its exit code and its table.
+fn demo(sends: u32, seed: u64) -> (i32, Table) {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "demo",
+        &format!("--sends={sends}"),
+        &format!("--seed={seed}"),
+    ])
+    .env_clear()
+    .env("PATH", std::env::var("PATH").unwrap_or_default());
+    let out = output_within(&mut cmd, LIMIT, "line-retry-proxy demo");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "the demo is quiet on stderr: {stderr}");
+    let mut rows = HashMap::new();
+    for line in text.lines() {
+        // A row: a label (indented for a detail of the row above), then two cells.
+        let numeric = |c: &str| c == "-" || c.parse::<u64>().is_ok();
+        let mut cells = line.split_whitespace().rev();
+        let (Some(right), Some(left)) = (cells.next(), cells.next()) else {
+            continue;
+        };
+        let label = line
+            .trim_end()
+            .strip_suffix(right)
+            .and_then(|rest| rest.trim_end().strip_suffix(left))
+            .map(str::trim_end)
+            .unwrap_or_default();
+        if !label.trim().is_empty() && numeric(left) && numeric(right) {
+            rows.insert(label.to_owned(), (left.to_owned(), right.to_owned()));
+        }
+    }
+    (out.status.code().unwrap_or(-1), Table { rows, text })
+}
+
+#[test]
+fn the_bare_bot_duplicates_and_the_proxied_one_delivers_each_message_once() {
+    let sends = 60;
+    let (code, t) = demo(sends, 3);
+    assert_eq!(code, 0, "exit 0 when the proxied run is exact:\n{}", t.text);
+    let sends = u64::from(sends);
+
+    for get in [Table::bare, Table::proxied] {
+        assert_eq!(get(&t, "messages to send"), sends);
+        // Deliveries are counted where they happen, at the fake LINE.
+        assert_eq!(
+            get(&t, "deliveries"),
+            get(&t, "messages delivered") + get(&t, "duplicate deliveries"),
+            "{}",
+            t.text
+        );
+        assert_eq!(
+            get(&t, "messages delivered") + get(&t, "lost messages"),
+            sends
+        );
+        assert!(get(&t, "requests sent by the bot") >= sends);
+    }
+
+    // Straight to LINE: every bot request reaches it, nothing is refused (no key), and
+    // the bot's resends after "accepted, then failed" are duplicates.
+    assert_eq!(
+        t.bare("requests that reached LINE"),
+        t.bare("requests sent by the bot"),
+        "{}",
+        t.text
+    );
+    assert_eq!(t.bare("  refused: key already accepted (409)"), 0);
+    assert!(
+        t.bare("duplicate deliveries") > 0,
+        "with seed 3 the bare bot delivers some messages twice:\n{}",
+        t.text
+    );
+
+    // Through the proxy: each message exactly once, the bot never gave up, and every
+    // request that was answered is counted under one outcome.
+    assert_eq!(t.proxied("duplicate deliveries"), 0, "{}", t.text);
+    assert_eq!(t.proxied("lost messages"), 0, "{}", t.text);
+    assert_eq!(t.proxied("deliveries"), sends, "{}", t.text);
+    assert_eq!(t.proxied("messages the bot gave up on"), 0, "{}", t.text);
+    assert_eq!(t.proxied("  answered 5xx"), 0, "{}", t.text);
+    assert!(
+        t.proxied("  refused: key already accepted (409)") > 0,
+        "the proxy's retries of accepted sends met LINE's 409:\n{}",
+        t.text
+    );
+    let answered: u64 = [
+        "fresh",
+        "replayed",
+        "coalesced",
+        "conflict-resolved",
+        "error",
+    ]
+    .iter()
+    .map(|o| t.proxied(&format!("proxy answers: {o}")))
+    .sum();
+    assert!(
+        answered >= sends && answered <= t.proxied("requests sent by the bot"),
+        "{}",
+        t.text
+    );
+    assert_eq!(t.proxied("proxy answers: error"), 0, "{}", t.text);
+    assert!(
+        t.text
+            .contains("every message was delivered exactly once: 0 duplicates, 0 lost"),
+        "{}",
+        t.text
+    );
+}
+
+#[test]
+fn the_same_seed_gives_the_same_bare_run() {
+    // The bare run's timing cannot change its course: every fault is decided by the
+    // seed, and a held answer outlasts the bot's timeout. So its column repeats.
+    let (_, first) = demo(40, 11);
+    let (_, second) = demo(40, 11);
+    let bare = |t: &Table| {
+        let mut column: Vec<(String, String)> = t
+            .rows
+            .iter()
+            .map(|(label, (bare, _))| (label.clone(), bare.clone()))
+            .collect();
+        column.sort();
+        column
+    };
+    assert!(first.rows.len() > 10, "{}", first.text);
+    assert_eq!(
+        bare(&first),
+        bare(&second),
+        "{}\n{}",
+        first.text,
+        second.text
+    );
+}
