@@ -96,6 +96,11 @@ fn the_bare_bot_duplicates_and_the_proxied_one_delivers_each_message_once() {
             sends
         );
         assert!(get(&t, "requests sent by the bot") >= sends);
+        assert!(
+            get(&t, "  delivered all the same") <= get(&t, "messages the bot gave up on"),
+            "{}",
+            t.text
+        );
     }
 
     // Straight to LINE: every bot request reaches it, nothing is refused (no key), and

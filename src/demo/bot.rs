@@ -35,8 +35,9 @@ pub struct BotReport {
     pub attempts: usize,
     /// Messages for which it finally got a 2xx.
     pub succeeded: usize,
-    /// Messages it gave up on: still failing after its last try, or refused (4xx).
-    pub gave_up: usize,
+    /// Messages it gave up on (by index): still failing after its last try, or
+    /// refused (4xx).
+    pub gave_up: Vec<usize>,
     /// Tries that failed: 5xx answers, timeouts, broken connections.
     pub errors_5xx: usize,
     pub timeouts: usize,
@@ -75,7 +76,7 @@ pub async fn run(base: &str, token: &str, bodies: Arc<Vec<String>>, how: Behavio
                 if told.succeeded {
                     report.succeeded += 1;
                 } else {
-                    report.gave_up += 1;
+                    report.gave_up.push(i);
                 }
             }
         });

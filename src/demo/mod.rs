@@ -105,6 +105,8 @@ pub struct RunReport {
     pub duplicates: usize,
     /// Messages never delivered.
     pub lost: usize,
+    /// Messages the bot gave up on that were delivered all the same.
+    pub gave_up_delivered: usize,
     /// The proxy's answers by outcome, and its retries (from its metrics).
     pub proxy: Option<ProxyCounts>,
 }
@@ -197,10 +199,10 @@ async fn proxied_run(
     let config = Config::load(&serve)?;
     let retry = &config.policy.retry;
     let settings = format!(
-        "the proxy's attempt-timeout {}, request-deadline {}, max-attempts {}",
+        "attempt-timeout {}, max-attempts {},\nrequest-deadline {}",
         humantime::format_duration(retry.attempt_timeout),
-        humantime::format_duration(retry.deadline),
         retry.max_attempts,
+        humantime::format_duration(retry.deadline),
     );
     let app = App::new(config)?;
     let (listener, admin) = app::bind(&app.config).await?;
@@ -238,8 +240,16 @@ impl RunReport {
                 }
             }
         }
+        let delivered_at = |i: &usize| {
+            bodies
+                .get(*i)
+                .and_then(|b| line.deliveries.get(b.as_bytes()))
+                .is_some_and(|&n| n > 0)
+        };
+        let gave_up_delivered = bot.gave_up.iter().filter(|i| delivered_at(i)).count();
         RunReport {
             bot,
+            gave_up_delivered,
             delivered,
             duplicates,
             lost: bodies.len() - delivered,
@@ -301,8 +311,9 @@ impl Report {
              sends the same request again, up to {} more times, with no retry key.\n\
              LINE is a fake on 127.0.0.1 that fails {}% of requests, the same ones in both runs (seed {}):\n\
              {}.\n\
-             Timings are the real ones divided by {TIME_SCALE}: the bot's timeout {} (a legacy SDK's 5s),\n\
-             {} (its defaults).\n",
+             Timings are the real ones divided by {TIME_SCALE}: the bot's timeout is {} (a legacy SDK's 5s).\n\
+             The proxy runs with its defaults scaled alike ({}) \
+             and a retry budget raised for a LINE this unreliable.\n",
             self.sends,
             b.workers,
             b.tries.saturating_sub(1),
@@ -327,20 +338,26 @@ impl Report {
             n(bare.bot.attempts),
             n(prox.bot.attempts),
         );
-        for (label, pick) in [
-            (
-                "  answered 5xx",
-                (|r: &BotReport| r.errors_5xx) as fn(&BotReport) -> usize,
-            ),
-            ("  timed out", |r| r.timeouts),
-            ("  connection broken", |r| r.broken),
-        ] {
-            row(label, n(pick(&bare.bot)), n(pick(&prox.bot)));
-        }
+        row(
+            "  answered 5xx",
+            n(bare.bot.errors_5xx),
+            n(prox.bot.errors_5xx),
+        );
+        row("  timed out", n(bare.bot.timeouts), n(prox.bot.timeouts));
+        row(
+            "  connection broken",
+            n(bare.bot.broken),
+            n(prox.bot.broken),
+        );
         row(
             "messages the bot gave up on",
-            n(bare.bot.gave_up),
-            n(prox.bot.gave_up),
+            n(bare.bot.gave_up.len()),
+            n(prox.bot.gave_up.len()),
+        );
+        row(
+            "  delivered all the same",
+            n(bare.gave_up_delivered),
+            n(prox.gave_up_delivered),
         );
         row(
             "requests that reached LINE",
@@ -384,15 +401,22 @@ impl Report {
         let dup_messages = bare.line.deliveries.values().filter(|&&d| d > 1).count();
         let _ = writeln!(
             o,
-            "Without the proxy, {} of {} messages reached their user more than once ({} extra deliveries){}.",
+            "Without the proxy, {} of {} messages reached their user more than once ({} extra deliveries){}{}.",
             dup_messages,
             self.sends,
             bare.duplicates,
             if bare.lost > 0 {
-                format!(" and {} never did", bare.lost)
+                format!(", {} never did", bare.lost)
             } else {
                 String::new()
-            }
+            },
+            if bare.gave_up_delivered > 0 {
+                let n = bare.gave_up_delivered;
+                let noun = if n == 1 { "message" } else { "messages" };
+                format!(".\nThe bot also gave up on {n} {noun} that LINE had in fact delivered")
+            } else {
+                String::new()
+            },
         );
         if self.proxied_is_exact() {
             let _ = writeln!(
