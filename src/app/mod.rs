@@ -20,6 +20,7 @@ use crate::pipeline::Pipeline;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::{Store, StoreError};
+use crate::upstream::egress::Egress;
 use crate::upstream::{Client, UpstreamError};
 
 /// Bounds the intercept leaf cache: one entry per intercepted host name.
@@ -64,9 +65,15 @@ impl App {
                 timeout: config.store_timeout,
             })?),
         };
+        // One way out for the client to LINE and for the tunnels alike.
+        let egress = Arc::new(Egress::new(config.upstream_proxy.clone()));
+        if config.upstream_proxy != crate::config::UpstreamProxy::Direct {
+            tracing::info!(upstream_proxy = %config.upstream_proxy, "outbound connections go through an egress proxy");
+        }
         let upstream = Client::new(
             config.upstream.clone(),
             config.upstream_ca.as_deref(),
+            egress.clone(),
             config.policy.retry.attempt_timeout,
         )?;
         let metrics = Arc::new(Metrics::default());
@@ -123,6 +130,7 @@ impl App {
             leaves,
             http,
             proxy_auth: config.proxy_auth.clone(),
+            egress,
             limits: Limits {
                 max_connections: config.max_connections,
                 admin_max_connections: config.admin_max_connections,

@@ -30,6 +30,7 @@ impl Config {
                     .unwrap_or_default()
             ),
         );
+        line("upstream-proxy", self.upstream_proxy.describe());
         line("ca-dir", format!("{:?}", self.ca_dir.display().to_string()));
         line("store", format!("{:?}", self.store.to_string()));
         line("store-timeout", d(self.store_timeout));

@@ -6,6 +6,7 @@
 //! whose one line names the option, and `main` exits 64 with it.
 
 mod describe;
+mod egress;
 mod sources;
 mod values;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 
+pub use egress::{EgressProxy, NoProxy, UpstreamProxy};
 pub use sources::ServeArgs;
 use sources::{list, pick, read_file, FileConfig};
 use values::{
@@ -167,6 +169,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub upstream: UpstreamTarget,
     pub upstream_ca: Option<PathBuf>,
+    /// The company egress proxy every outbound connection goes through, if any.
+    pub upstream_proxy: UpstreamProxy,
     pub ca_dir: PathBuf,
     pub store: StoreKind,
     /// Longest a send waits on a shared store before it goes on without it.
@@ -221,6 +225,11 @@ impl Config {
             "127.0.0.1:9090",
         )?;
         let upstream = upstream(pick(&args.upstream, file.upstream))?;
+        let upstream_proxy = egress::upstream_proxy(
+            pick(&args.upstream_proxy, file.upstream_proxy),
+            &|name| std::env::var(name).ok(),
+            listen,
+        )?;
         let dedup_window = window(
             "dedup-window",
             pick(&args.dedup_window, file.dedup_window),
@@ -367,6 +376,7 @@ impl Config {
                 .clone()
                 .or(file.upstream_ca)
                 .filter(|p| !p.as_os_str().is_empty()),
+            upstream_proxy,
             ca_dir: args
                 .ca_dir
                 .clone()

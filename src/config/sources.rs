@@ -28,6 +28,14 @@ pub struct ServeArgs {
     /// Extra CA (PEM) trusted for the upstream, beside the webpki roots
     #[arg(long, env = "LINE_RETRY_PROXY_UPSTREAM_CA", value_name = "PEM")]
     pub upstream_ca: Option<PathBuf>,
+    /// Reach the upstream and tunnel targets through a company egress proxy (CONNECT): http://[USER:PASSWORD@]HOST:PORT, `env` for HTTPS_PROXY/NO_PROXY as set at start, or none. Set a password in the environment or the file: a flag is visible in `ps` [default: none]
+    #[arg(
+        long,
+        env = "LINE_RETRY_PROXY_UPSTREAM_PROXY",
+        value_name = "URL|env|none",
+        hide_env_values = true
+    )]
+    pub upstream_proxy: Option<String>,
     /// Directory of the intercept CA (ca.pem, ca.key) [default: ./ca]
     #[arg(long, env = "LINE_RETRY_PROXY_CA_DIR", value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
@@ -141,6 +149,7 @@ pub(super) struct FileConfig {
     pub(super) admin_listen: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) upstream_ca: Option<PathBuf>,
+    pub(super) upstream_proxy: Option<String>,
     pub(super) ca_dir: Option<PathBuf>,
     pub(super) store: Option<String>,
     pub(super) store_timeout: Option<String>,

@@ -245,7 +245,7 @@ pub(super) fn store(value: Option<String>) -> Result<StoreKind, ConfigError> {
 }
 
 /// A store URL fit for an error message: anything before an `@` may be a password.
-fn redact_userinfo(value: &str) -> String {
+pub(super) fn redact_userinfo(value: &str) -> String {
     match (value.find("://"), value.rfind('@')) {
         (Some(start), Some(at)) if at > start => {
             format!("{}***{}", &value[..start + 3], &value[at..])
