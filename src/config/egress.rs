@@ -60,7 +60,8 @@ impl UpstreamProxy {
                 if no_proxy.0.is_empty() {
                     "unset".to_owned()
                 } else {
-                    no_proxy.0.join(",")
+                    // The environment's text on one line, whatever it holds.
+                    no_proxy.0.join(",").replace(char::is_control, "?")
                 }
             ),
         }
@@ -77,7 +78,11 @@ impl fmt::Display for UpstreamProxy {
             UpstreamProxy::Env {
                 proxy: Some(proxy),
                 no_proxy,
-            } => write!(f, "{proxy} (from HTTPS_PROXY, {} NO_PROXY entries)", no_proxy.0.len()),
+            } => write!(
+                f,
+                "{proxy} (from HTTPS_PROXY, {} NO_PROXY entries)",
+                no_proxy.0.len()
+            ),
         }
     }
 }
@@ -316,19 +321,12 @@ mod tests {
 
     const LISTEN: &str = "127.0.0.1:8080";
 
-    fn parse_with(
-        value: &str,
-        vars: &[(&str, &str)],
-    ) -> Result<UpstreamProxy, ConfigError> {
+    fn parse_with(value: &str, vars: &[(&str, &str)]) -> Result<UpstreamProxy, ConfigError> {
         let vars: Vec<(String, String)> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let env = move |name: &str| {
-            vars.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let env = move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         upstream_proxy(Some(value.to_owned()), &env, LISTEN.parse().unwrap())
     }
 
@@ -378,11 +376,16 @@ mod tests {
         let vars = [
             ("HTTPS_PROXY", "corp:hunter2@proxy.example:3128"),
             ("https_proxy", "http://other:1"),
-            ("no_proxy", "internal.example, .svc, 10.0.0.0/8, 127.0.0.1:9999"),
+            (
+                "no_proxy",
+                "internal.example, .svc, 10.0.0.0/8, 127.0.0.1:9999",
+            ),
         ];
         assert_eq!(parse_with("", &vars).unwrap(), UpstreamProxy::Direct);
         let setting = parse_with("env", &vars).unwrap();
-        let via = setting.route("api.line.me", 443).expect("through the proxy");
+        let via = setting
+            .route("api.line.me", 443)
+            .expect("through the proxy");
         assert_eq!(via.to_string(), "http://corp:***@proxy.example:3128");
         assert!(setting.route("internal.example", 443).is_none());
         assert!(setting.route("a.internal.example", 443).is_none());
@@ -401,7 +404,10 @@ mod tests {
         let err = parse_with("env", &[("HTTPS_PROXY", "https://u:hunter2@p:1")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("from HTTPS_PROXY") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("from HTTPS_PROXY") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -423,7 +429,11 @@ mod tests {
 
     #[test]
     fn the_own_listener_is_refused() {
-        for own in ["http://127.0.0.1:8080", "http://localhost:8080", "http://127.0.0.2:8080"] {
+        for own in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://127.0.0.2:8080",
+        ] {
             let err = parse_with(own, &[]).unwrap_err().to_string();
             assert!(err.contains("loop"), "{own}: {err}");
         }

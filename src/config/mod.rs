@@ -619,6 +619,24 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_proxy_password_is_masked_everywhere() {
+        let c = file("upstream-proxy = \"http://corp:hunter2@127.0.0.1:3128\"").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(c
+            .describe()
+            .contains("upstream-proxy = \"http://corp:***@127.0.0.1:3128\""));
+        let again = Config::from_toml(&c.describe()).unwrap();
+        assert_eq!(again.describe(), c.describe());
+        let err = file("upstream-proxy = \"http://corp:hunter2@127.0.0.1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`upstream-proxy`") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn tunnel_allowlist_matching() {
         let c = file("tunnel-allow = [\"api-data.line.me\", \"127.0.0.1:4443\"]").unwrap();
         assert!(c.policy.tunnel_allowed("API-DATA.line.me", 443));

@@ -146,7 +146,7 @@ impl Egress {
                 // and retries; the operator needs to know why (407: credentials).
                 tracing::warn!(
                     egress_proxy = %proxy,
-                    %target,
+                    connect_to = %target,
                     status = status.as_u16(),
                     "egress proxy refused CONNECT: {status}"
                 );
@@ -164,7 +164,11 @@ fn basic(proxy: &EgressProxy) -> Option<Credentials> {
     let pair = format!(
         "{}:{}",
         proxy.username.as_deref().unwrap_or_default(),
-        proxy.password.as_ref().map(|p| p.expose()).unwrap_or_default()
+        proxy
+            .password
+            .as_ref()
+            .map(|p| p.expose())
+            .unwrap_or_default()
     );
     Some(Credentials(format!(
         "Basic {}",
@@ -266,9 +270,16 @@ mod tests {
         let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
         assert_eq!(status_of(ok), Some(StatusCode::OK));
         let auth = b"HTTP/1.0 407 Proxy Authentication Required\r\nX: y\r\n\r\n";
-        assert_eq!(status_of(auth), Some(StatusCode::PROXY_AUTHENTICATION_REQUIRED));
+        assert_eq!(
+            status_of(auth),
+            Some(StatusCode::PROXY_AUTHENTICATION_REQUIRED)
+        );
         assert_eq!(status_of(b"HTTP/1.1 200\r\n\r\n"), Some(StatusCode::OK));
-        for bad in [&b"SSH-2.0-x\r\n\r\n"[..], b"HTTP/1.1 2000 x\r\n\r\n", b"\r\n\r\n"] {
+        for bad in [
+            &b"SSH-2.0-x\r\n\r\n"[..],
+            b"HTTP/1.1 2000 x\r\n\r\n",
+            b"\r\n\r\n",
+        ] {
             assert_eq!(status_of(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }
