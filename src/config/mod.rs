@@ -23,7 +23,7 @@ use sources::{list, pick, read_file, FileConfig};
 use values::{
     addr, boolean, duration, hosts, log_format, number, proxy_auth, ratio, store, upstream, window,
 };
-pub use values::{ConfigError, Secret};
+pub use values::{ConfigError, Secret, MASKED};
 
 use crate::domain::{Endpoint, LINE_KEY_LIFETIME};
 use crate::retry::ExponentialBackoff;
@@ -32,7 +32,7 @@ use crate::retry::ExponentialBackoff;
 pub const MAX_DEDUP_WINDOW: Duration = LINE_KEY_LIFETIME;
 
 /// A year as the duration syntax spells it (`1year`, 365.25 days).
-const ONE_YEAR: Duration = Duration::from_secs(31_557_600);
+pub(super) const ONE_YEAR: Duration = Duration::from_secs(31_557_600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -71,7 +71,7 @@ pub struct RedisTarget {
     pub db: i64,
     /// For Redis ACLs; none means the default user.
     pub username: Option<String>,
-    /// Never printed: `Debug` and `Display` show `***`.
+    /// Never printed: `Debug` shows `***`, `Display` [`MASKED`].
     pub password: Option<Secret>,
 }
 
@@ -79,8 +79,8 @@ impl fmt::Display for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.tls { "rediss://" } else { "redis://" })?;
         match (&self.username, &self.password) {
-            (Some(user), Some(_)) => write!(f, "{user}:***@")?,
-            (None, Some(_)) => f.write_str(":***@")?,
+            (Some(user), Some(_)) => write!(f, "{user}:{MASKED}@")?,
+            (None, Some(_)) => write!(f, ":{MASKED}@")?,
             (Some(user), None) => write!(f, "{user}@")?,
             (None, None) => {}
         }
@@ -578,7 +578,7 @@ mod tests {
         assert_eq!(t.password.as_ref().map(Secret::expose), Some("p@ss"));
         assert_eq!(
             c.store.to_string(),
-            "rediss://proxy:***@redis.internal:6380/3"
+            "rediss://proxy:<masked>@redis.internal:6380/3"
         );
         let plain = file("store = \"redis://[::1]\"").unwrap();
         assert_eq!(plain.store.to_string(), "redis://[::1]:6379/0");
@@ -606,7 +606,7 @@ mod tests {
         assert!(!c.describe().contains("hunter2"));
         assert!(c
             .describe()
-            .contains("store = \"redis://:***@127.0.0.1:6379/0\""));
+            .contains("store = \"redis://:<masked>@127.0.0.1:6379/0\""));
         for bad in [
             "redis://u:hunter2@host/x",
             "redis://u:hunter2@",

@@ -16,11 +16,11 @@ pub struct ServeArgs {
     /// TOML file with any of the options below (flags and env win over it)
     #[arg(long, env = "LINE_RETRY_PROXY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Proxy listener for bots: HTTPS_PROXY, base-URL and plain-proxy traffic [default: 127.0.0.1:8080]
-    #[arg(long, env = "LINE_RETRY_PROXY_LISTEN", value_name = "ADDR")]
+    /// Proxy listener for bots: HTTPS_PROXY, base-URL and plain-proxy traffic; an IP address and port, not a host name [default: 127.0.0.1:8080]
+    #[arg(long, env = "LINE_RETRY_PROXY_LISTEN", value_name = "IP:PORT")]
     pub listen: Option<String>,
-    /// Admin listener: /healthz, /readyz, /metrics [default: 127.0.0.1:9090]
-    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    /// Admin listener: /healthz, /readyz, /metrics; an IP address and port [default: 127.0.0.1:9090]
+    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_LISTEN", value_name = "IP:PORT")]
     pub admin_listen: Option<String>,
     /// Where base-URL and intercepted api.line.me traffic goes [default: https://api.line.me]
     #[arg(long, env = "LINE_RETRY_PROXY_UPSTREAM", value_name = "URL")]
@@ -109,7 +109,7 @@ pub struct ServeArgs {
     /// Require Proxy-Authorization: Basic (USER:PASSWORD) on CONNECT and absolute-form requests only: base-URL requests are not covered, as SDKs cannot send it there. Set it in the environment or the file: a flag is visible in `ps`
     #[arg(long, env = "LINE_RETRY_PROXY_PROXY_AUTH", value_name = "USER:PASSWORD", hide_env_values = true, value_parser = secret)]
     pub proxy_auth: Option<Secret>,
-    /// Client connections served at once; more wait in the kernel backlog [default: 4096]
+    /// Client connections served at once; past it, new ones are closed at accept and counted [default: 4096]
     #[arg(long, env = "LINE_RETRY_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<String>,
     /// Time a client has to send a request head, from accept on [default: 10s]
