@@ -262,7 +262,7 @@ async fn credentials_never_reach_the_log() {
 
     let log = process.log_so_far().join("\n");
     assert!(
-        log.contains(&format!("http://corp\\\\bot:***@{}", egress.addr())),
+        log.contains(&format!("http://corp\\\\bot:<masked>@{}", egress.addr())),
         "the egress proxy is named, masked:\n{log}"
     );
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
@@ -290,7 +290,7 @@ fn check_config_masks_the_password() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!(
-            "upstream-proxy = \"http://{}:***@127.0.0.1:3128\"",
+            "upstream-proxy = \"http://{}:<masked>@127.0.0.1:3128\"",
             "corp\\\\bot"
         )),
         "{stdout}"
@@ -307,7 +307,7 @@ fn check_config_masks_the_password() {
     assert!(out.status.success(), "{out:?}");
     let env_stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        env_stdout.contains("upstream-proxy = \"env\" # HTTPS_PROXY: http://corp\\bot:***@127.0.0.1:3128; NO_PROXY: .internal"),
+        env_stdout.contains("upstream-proxy = \"env\" # HTTPS_PROXY: http://corp\\bot:<masked>@127.0.0.1:3128; NO_PROXY: .internal"),
         "{env_stdout}"
     );
 

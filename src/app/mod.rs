@@ -10,7 +10,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Policy, RedisTarget, StoreKind};
+use crate::config::{Config, Policy, RedisTarget, StoreKind, UpstreamProxy};
 use crate::edge::intercept::ca::{CaError, CaPlan, CertificateAuthority};
 use crate::edge::intercept::leaf::LeafCache;
 use crate::edge::{Edge, Limits};
@@ -58,7 +58,7 @@ impl App {
         };
         // One way out for the client to LINE and for the tunnels alike.
         let egress = Arc::new(Egress::new(config.upstream_proxy.clone()));
-        if config.upstream_proxy != crate::config::UpstreamProxy::Direct {
+        if config.upstream_proxy != UpstreamProxy::Direct {
             tracing::info!(upstream_proxy = %config.upstream_proxy, "outbound connections go through an egress proxy");
         }
         let upstream = Client::new(
@@ -150,6 +150,7 @@ pub fn check(config: &Config) -> Result<(), StartError> {
     Client::new(
         config.upstream.clone(),
         config.upstream_ca.as_deref(),
+        Arc::new(Egress::new(config.upstream_proxy.clone())),
         config.policy.retry.attempt_timeout,
     )?;
     if let Some(ca) = CertificateAuthority::check(&config.ca_dir)? {

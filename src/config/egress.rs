@@ -12,7 +12,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use super::values::{redact_userinfo, ConfigError, Secret};
+use super::values::{masked, redact_userinfo, ConfigError, Secret, MASKED};
 
 /// The option's name, as errors and `check-config` spell it.
 const NAME: &str = "upstream-proxy";
@@ -46,8 +46,8 @@ impl UpstreamProxy {
         }
     }
 
-    /// The value as `check-config` prints it (TOML, loadable again), credentials masked;
-    /// for `env`, a comment says what the environment gave.
+    /// The value as `check-config` prints it (TOML), the password [`MASKED`] (refused
+    /// when read back); for `env`, a comment says what the environment gave.
     pub fn describe(&self) -> String {
         match self {
             UpstreamProxy::Direct => "\"\"".to_owned(),
@@ -95,17 +95,17 @@ pub struct EgressProxy {
     pub port: u16,
     /// Percent-decoded; with `password`, sent as `Proxy-Authorization: Basic`.
     pub username: Option<String>,
-    /// Percent-decoded. Never printed: `Debug` and `Display` show `***`.
+    /// Percent-decoded. Never printed: `Debug` shows `***`, `Display` [`MASKED`].
     pub password: Option<Secret>,
 }
 
 impl fmt::Display for EgressProxy {
-    /// `http://user:***@host:port`: the form `check-config` and log lines use.
+    /// `http://user:<masked>@host:port`: the form `check-config` and log lines use.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("http://")?;
         match (&self.username, &self.password) {
-            (Some(user), Some(_)) => write!(f, "{user}:***@")?,
-            (None, Some(_)) => f.write_str(":***@")?,
+            (Some(user), Some(_)) => write!(f, "{user}:{MASKED}@")?,
+            (None, Some(_)) => write!(f, ":{MASKED}@")?,
             (Some(user), None) => write!(f, "{user}@")?,
             (None, None) => {}
         }
@@ -297,11 +297,18 @@ fn parse(value: &str, origin: &str) -> Result<EgressProxy, ConfigError> {
             .map(|d| Some(d.into_owned()))
             .map_err(|_| bad("the user name and password must be UTF-8"))
     };
+    let password = decode(url.password().unwrap_or_default())?;
+    if password.as_deref() == Some(MASKED) {
+        return Err(masked(
+            NAME,
+            "put the real password in the URL, or the whole URL in LINE_RETRY_PROXY_UPSTREAM_PROXY",
+        ));
+    }
     Ok(EgressProxy {
         host,
         port,
         username: decode(url.username())?,
-        password: decode(url.password().unwrap_or_default())?.map(Secret),
+        password: password.map(Secret),
     })
 }
 
@@ -343,7 +350,10 @@ mod tests {
         assert_eq!((p.host.as_str(), p.port), ("proxy.example", 3128));
         assert_eq!(p.username.as_deref(), Some("corp\\bot"));
         assert_eq!(p.password.as_ref().map(Secret::expose), Some("p@ss:word"));
-        assert_eq!(p.to_string(), "http://corp\\bot:***@proxy.example:3128");
+        assert_eq!(
+            p.to_string(),
+            "http://corp\\bot:<masked>@proxy.example:3128"
+        );
         let p = fixed("http://[::1]:80/");
         assert_eq!((p.host.as_str(), p.port), ("::1", 80));
         assert_eq!(p.to_string(), "http://[::1]:80");
@@ -386,7 +396,7 @@ mod tests {
         let via = setting
             .route("api.line.me", 443)
             .expect("through the proxy");
-        assert_eq!(via.to_string(), "http://corp:***@proxy.example:3128");
+        assert_eq!(via.to_string(), "http://corp:<masked>@proxy.example:3128");
         assert!(setting.route("internal.example", 443).is_none());
         assert!(setting.route("a.internal.example", 443).is_none());
         assert!(setting.route("x.svc", 443).is_none());

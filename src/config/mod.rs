@@ -624,9 +624,10 @@ mod tests {
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(c
             .describe()
-            .contains("upstream-proxy = \"http://corp:***@127.0.0.1:3128\""));
-        let again = Config::from_toml(&c.describe()).unwrap();
-        assert_eq!(again.describe(), c.describe());
+            .contains("upstream-proxy = \"http://corp:<masked>@127.0.0.1:3128\""));
+        // The mask read back is refused by name, never taken for the password.
+        let err = Config::from_toml(&c.describe()).unwrap_err().to_string();
+        assert!(err.contains("`upstream-proxy` holds <masked>"), "{err}");
         let err = file("upstream-proxy = \"http://corp:hunter2@127.0.0.1\"")
             .unwrap_err()
             .to_string();
@@ -634,6 +635,9 @@ mod tests {
             err.contains("`upstream-proxy`") && !err.contains("hunter2"),
             "{err}"
         );
+        let direct = Config::from_toml("").unwrap();
+        let again = Config::from_toml(&direct.describe()).unwrap();
+        assert_eq!(again.upstream_proxy, UpstreamProxy::Direct);
     }
 
     #[test]

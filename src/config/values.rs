@@ -30,7 +30,7 @@ impl ConfigError {
 pub const MASKED: &str = "<masked>";
 
 /// The error for a secret that is still [`MASKED`]; it names only the option.
-fn masked(name: &str, hint: &str) -> ConfigError {
+pub(super) fn masked(name: &str, hint: &str) -> ConfigError {
     ConfigError(format!(
         "option `{name}` holds {MASKED}, the mask check-config prints instead of the secret: {hint}"
     ))
