@@ -193,6 +193,65 @@ async fn wrong_credentials_are_a_502_and_nothing_reaches_line() {
     }
 }
 
+/// An egress proxy that accepts and never answers holds nothing up: each attempt and
+/// each tunnel gives up within `attempt-timeout`.
+#[tokio::test]
+async fn a_silent_egress_proxy_is_bounded_by_the_attempt_timeout() {
+    let mock = MockLine::start().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = silent.accept().await {
+            // Kept open, unanswered, until the test ends.
+            let _ = held_tx.send(stream);
+        }
+    });
+    let proxy = Proxy::start(
+        &mock,
+        &[
+            "--tunnel-allow=127.0.0.1",
+            "--attempt-timeout=300ms",
+            "--max-attempts=2",
+            &format!("--upstream-proxy=http://{silent_addr}"),
+        ],
+    )
+    .await;
+
+    let started = std::time::Instant::now();
+    let reply = push(&proxy, &push_body("into the silence")).await;
+    assert!(
+        matches!(
+            reply.status,
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+        ),
+        "{:?}",
+        reply.status
+    );
+    let (_, status, head) = connect_raw(
+        proxy.addr,
+        &format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", mock.addr()),
+    )
+    .await;
+    assert_eq!(status, 502, "{head}");
+    assert!(head.contains("tunnel_target_unreachable"), "{head}");
+    // Two attempts and one tunnel of 300 ms each, plus a backoff of at most 50 ms.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let mut reached = 0;
+    while held.try_recv().is_ok() {
+        reached += 1;
+    }
+    assert_eq!(
+        reached, 3,
+        "two attempts and one tunnel tried the egress proxy"
+    );
+    assert_eq!(mock.connections(), 0);
+}
+
 #[tokio::test]
 async fn env_mode_is_opt_in_and_honours_no_proxy() {
     let mock = MockLine::start().await;

@@ -30,8 +30,6 @@ struct State {
 
 pub struct EgressProxy {
     addr: SocketAddr,
-    /// `user:password` the proxy requires, if any.
-    required: Option<String>,
     state: Arc<State>,
     stop: CancellationToken,
 }
@@ -60,18 +58,8 @@ impl EgressProxy {
         let addr = listener.local_addr().expect("egress proxy address");
         let state = Arc::new(State::default());
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(
-            listener,
-            required.clone(),
-            state.clone(),
-            stop.clone(),
-        ));
-        EgressProxy {
-            addr,
-            required,
-            state,
-            stop,
-        }
+        tokio::spawn(accept_loop(listener, required, state.clone(), stop.clone()));
+        EgressProxy { addr, state, stop }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -106,10 +94,6 @@ impl EgressProxy {
     /// Every credential offered, decoded.
     pub fn offered(&self) -> Vec<String> {
         self.state.offered.lock().unwrap().clone()
-    }
-
-    pub fn requires_auth(&self) -> bool {
-        self.required.is_some()
     }
 }
 
