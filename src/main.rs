@@ -130,9 +130,14 @@ fn main() -> ExitCode {
     let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
     let auth_on_command_line =
         serve_matches.value_source("proxy_auth") == Some(ValueSource::CommandLine);
+    let egress_on_command_line = serve_matches.value_source("upstream_proxy")
+        == Some(ValueSource::CommandLine)
+        && serve_matches
+            .get_one::<String>("upstream_proxy")
+            .is_some_and(|v| v.contains('@'));
     match cli.command {
-        None => serve(cli.serve, auth_on_command_line),
-        Some(Command::Serve(args)) => serve(args, auth_on_command_line),
+        None => serve(cli.serve, auth_on_command_line, egress_on_command_line),
+        Some(Command::Serve(args)) => serve(args, auth_on_command_line, egress_on_command_line),
         Some(Command::Ca(args)) => ca(&args),
         Some(Command::CheckConfig(args)) => check_config(&args),
         Some(Command::Healthcheck(args)) => {
@@ -220,12 +225,15 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn serve(args: ServeArgs, auth_on_command_line: bool) -> ExitCode {
+fn serve(args: ServeArgs, auth_on_command_line: bool, egress_on_command_line: bool) -> ExitCode {
     let config = match Config::load(&args) {
         Ok(config) => config,
         Err(err) => return fail(EX_USAGE, err),
     };
     telemetry::init(config.log_format);
+    if egress_on_command_line {
+        tracing::warn!("--upstream-proxy with a password on the command line is visible to every user of this machine (ps, /proc); set LINE_RETRY_PROXY_UPSTREAM_PROXY or upstream-proxy in the config file instead");
+    }
     if auth_on_command_line {
         tracing::warn!("--proxy-auth on the command line is visible to every user of this machine (ps, /proc); set LINE_RETRY_PROXY_PROXY_AUTH or proxy-auth in the config file instead");
     }
@@ -296,7 +304,8 @@ async fn reload_on_sighup(app: Arc<App>) {
                     || next.store_ca != app.config.store_ca
                     || next.canonical_json != app.config.canonical_json
                     || next.body_limit != app.config.body_limit
-                    || next.proxy_auth != app.config.proxy_auth;
+                    || next.proxy_auth != app.config.proxy_auth
+                    || next.upstream_proxy != app.config.upstream_proxy;
                 if let Some(host) = next
                     .policy
                     .intercept_hosts
@@ -308,7 +317,7 @@ async fn reload_on_sighup(app: Arc<App>) {
                 app.reload(next.policy);
                 tracing::info!("configuration reloaded: retry policy, windows and host lists");
                 if restart_needed {
-                    tracing::warn!("some changed settings (listeners, upstream, store, CA, body limit, auth, canonical-json) take effect only after a restart");
+                    tracing::warn!("some changed settings (listeners, upstream, upstream-proxy, store, CA, body limit, auth, canonical-json) take effect only after a restart");
                 }
             }
             Err(err) => tracing::error!("reload failed, keeping the current settings: {err}"),
