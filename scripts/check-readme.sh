@@ -42,16 +42,10 @@ shown 'line-retry-proxy ca --ca-dir ./ca > line-retry-proxy-ca.pem'
 cmp -s "$work/ca/ca.pem" "$work/line-retry-proxy-ca.pem" || { echo "check-readme: ca printed another CA than the running proxy's" >&2; exit 1; }
 
 shown 'line-retry-proxy ca --ca-dir ./ca --bundle > bundle.pem'
-if "$bin" ca --help | grep -- '--bundle' >/dev/null; then
-  (cd "$work" && "$OLDPWD/$bin" ca --ca-dir ./ca --bundle > bundle.pem)
-  # The system roots and the running proxy's CA, whole.
-  [ "$(grep -c 'BEGIN CERTIFICATE' "$work/bundle.pem")" -gt 1 ] || { echo "check-readme: ca --bundle printed no system roots" >&2; exit 1; }
-  [[ "$(tr -d '\r\n' < "$work/bundle.pem")" == *"$(tr -d '\r\n' < "$work/ca/ca.pem")"* ]] || { echo "check-readme: ca --bundle lacks the proxy's CA" >&2; exit 1; }
-  bundle=", ca --bundle"
-else
-  echo "check-readme: ca --bundle not run: this binary has no --bundle option yet" >&2
-  bundle=""
-fi
+(cd "$work" && "$OLDPWD/$bin" ca --ca-dir ./ca --bundle > bundle.pem)
+# The system roots and the running proxy's CA, whole.
+[ "$(grep -c 'BEGIN CERTIFICATE' "$work/bundle.pem")" -gt 1 ] || { echo "check-readme: ca --bundle printed no system roots" >&2; exit 1; }
+[[ "$(tr -d '\r\n' < "$work/bundle.pem")" == *"$(tr -d '\r\n' < "$work/ca/ca.pem")"* ]] || { echo "check-readme: ca --bundle lacks the proxy's CA" >&2; exit 1; }
 
 shown 'cargo install --path . --locked'
 shown 'line-retry-proxy ca --renew --ca-dir ./ca > bundle.pem'
@@ -70,4 +64,4 @@ grep -q 'configuration reloaded' "$work/log"
 kill -TERM "$pid"
 wait "$pid" && code=0 || code=$?
 [ "$code" -eq 0 ] || { echo "check-readme: exit $code after SIGTERM" >&2; exit 1; }
-echo "check-readme: ok (run, stats, metrics, ca${bundle}, ca --renew, check-config, SIGHUP, SIGTERM)"
+echo "check-readme: ok (run, stats, metrics, ca, ca --bundle, ca --renew, check-config, SIGHUP, SIGTERM)"

@@ -12,9 +12,11 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use line_retry_proxy::admin_client;
 use line_retry_proxy::app::{self, App, StartError};
-use line_retry_proxy::config::{Config, ServeArgs};
+use line_retry_proxy::config::{Config, ConfigError, ServeArgs};
 use line_retry_proxy::demo::{self, DemoArgs};
+use line_retry_proxy::edge::intercept::bundle;
 use line_retry_proxy::edge::intercept::ca::{CaPlan, CertificateAuthority};
+use line_retry_proxy::edge::intercept::ca_dir::PREVIOUS_CERT_FILE;
 use line_retry_proxy::telemetry;
 
 const EX_USAGE: u8 = 64;
@@ -37,9 +39,10 @@ struct Cli {
 enum Command {
     /// Run the proxy (the default)
     Serve(ServeArgs),
-    /// Print the intercept CA certificate (PEM) for bots to trust, creating it if absent
+    /// Print the intercept CA certificate (PEM) for bots to trust, creating it if absent;
+    /// --bundle adds it to the system roots
     Ca(CaArgs),
-    /// Validate the configuration and print the effective settings (secrets masked)
+    /// Check the configuration as serve would and print it as a config file (secrets masked)
     CheckConfig(ServeArgs),
     /// Exit 0 if the proxy on the admin address is ready (for container health checks)
     Healthcheck(AdminArgs),
@@ -51,53 +54,49 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CaArgs {
-    #[arg(
-        long,
-        env = "LINE_RETRY_PROXY_CA_DIR",
-        value_name = "DIR",
-        default_value = "ca"
-    )]
-    ca_dir: PathBuf,
+    /// The proxy's TOML file: its ca-dir, intercept-hosts and ca-lifetime (flags and env win over it)
+    #[arg(long, env = "LINE_RETRY_PROXY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory of the intercept CA (ca.pem, ca.key) [default: ./ca]
+    #[arg(long, env = "LINE_RETRY_PROXY_CA_DIR", value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
     /// Replace the CA with a new one; prints the new certificate, then the one it
     /// replaces (kept as ca-previous.pem): have bots trust both, then restart the proxy
     #[arg(long)]
     renew: bool,
-    /// The only hosts a new CA may sign for (its name constraint), comma-separated
-    #[arg(
-        long,
-        env = "LINE_RETRY_PROXY_INTERCEPT_HOSTS",
-        value_name = "HOSTS",
-        default_value = "api.line.me"
-    )]
-    intercept_hosts: String,
-    /// Lifetime of a new CA
-    #[arg(
-        long,
-        env = "LINE_RETRY_PROXY_CA_LIFETIME",
-        value_name = "DUR",
-        default_value = "1year"
-    )]
-    ca_lifetime: String,
+    /// Print a trust bundle for bots instead: the system roots, then the proxy's CA
+    /// (and the one it replaced, if kept). For REQUESTS_CA_BUNDLE and SSL_CERT_FILE,
+    /// which replace a client's roots rather than add to them
+    #[arg(long, conflicts_with = "renew")]
+    bundle: bool,
+    /// The system roots (PEM) that --bundle starts from [default: the distribution's
+    /// bundle, e.g. /etc/ssl/certs/ca-certificates.crt]
+    #[arg(long, value_name = "PEM", requires = "bundle")]
+    system_roots: Option<PathBuf>,
+    /// The only hosts a new CA may sign for (its name constraint), comma-separated [default: api.line.me]
+    #[arg(long, env = "LINE_RETRY_PROXY_INTERCEPT_HOSTS", value_name = "HOSTS")]
+    intercept_hosts: Option<String>,
+    /// Lifetime of a new CA [default: 1year]
+    #[arg(long, env = "LINE_RETRY_PROXY_CA_LIFETIME", value_name = "DUR")]
+    ca_lifetime: Option<String>,
 }
 
 impl CaArgs {
-    fn plan(&self) -> Result<CaPlan, String> {
-        let lifetime = humantime::parse_duration(self.ca_lifetime.trim())
-            .ok()
-            .filter(|d| (Duration::from_secs(86_400)..=Duration::from_secs(315_576_000)).contains(d))
-            .ok_or_else(|| {
-                format!(
-                    "invalid value {:?} for option `ca-lifetime`: expected a duration from 1day to 10years",
-                    self.ca_lifetime
-                )
-            })?;
-        let hosts = self
-            .intercept_hosts
-            .split(',')
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| !h.is_empty())
-            .collect();
-        Ok(CaPlan { hosts, lifetime })
+    /// The CA directory and the plan for a new CA, resolved as `serve` resolves them:
+    /// flag, then environment, then the config file, then the default.
+    fn resolve(&self) -> Result<(PathBuf, CaPlan), ConfigError> {
+        let config = Config::load(&ServeArgs {
+            config: self.config.clone(),
+            ca_dir: self.ca_dir.clone(),
+            intercept_hosts: self.intercept_hosts.clone(),
+            ca_lifetime: self.ca_lifetime.clone(),
+            ..ServeArgs::default()
+        })?;
+        let plan = CaPlan {
+            hosts: config.policy.intercept_hosts,
+            lifetime: config.ca_lifetime,
+        };
+        Ok((config.ca_dir, plan))
     }
 }
 
@@ -134,18 +133,17 @@ fn main() -> ExitCode {
     let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
     let auth_on_command_line =
         serve_matches.value_source("proxy_auth") == Some(ValueSource::CommandLine);
+    let egress_on_command_line = serve_matches.value_source("upstream_proxy")
+        == Some(ValueSource::CommandLine)
+        && serve_matches
+            .get_one::<String>("upstream_proxy")
+            .is_some_and(|v| v.contains('@'));
     match cli.command {
-        None => serve(cli.serve, auth_on_command_line),
-        Some(Command::Serve(args)) => serve(args, auth_on_command_line),
+        None => serve(cli.serve, auth_on_command_line, egress_on_command_line),
+        Some(Command::Serve(args)) => serve(args, auth_on_command_line, egress_on_command_line),
         Some(Command::Ca(args)) => ca(&args),
         Some(Command::Demo(args)) => demo::main(&args),
-        Some(Command::CheckConfig(args)) => match Config::load(&args) {
-            Ok(config) => {
-                print!("{}", config.describe());
-                ExitCode::SUCCESS
-            }
-            Err(err) => fail(EX_USAGE, err),
-        },
+        Some(Command::CheckConfig(args)) => check_config(&args),
         Some(Command::Healthcheck(args)) => {
             match admin_client::get(args.admin_listen, "/readyz", Duration::from_secs(3)) {
                 Ok(_) => ExitCode::SUCCESS,
@@ -165,31 +163,65 @@ fn main() -> ExitCode {
 }
 
 fn ca(args: &CaArgs) -> ExitCode {
-    let plan = match args.plan() {
-        Ok(plan) => plan,
+    let (dir, plan) = match args.resolve() {
+        Ok(resolved) => resolved,
         Err(err) => return fail(EX_USAGE, err),
     };
-    if !args.renew {
-        return match CertificateAuthority::load_or_create(&args.ca_dir, &plan) {
-            Ok(ca) => {
-                print!("{}", ca.cert_pem());
+    if args.renew {
+        return match CertificateAuthority::renew(&dir, &plan) {
+            Ok((ca, previous)) => {
+                // Both, for the bots' trust store while they change over.
+                print!("{}{}", ca.cert_pem(), previous.unwrap_or_default());
+                eprintln!(
+                    "line-retry-proxy: new intercept CA in {}; have bots trust the printed bundle, then restart the proxy",
+                    dir.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(err) => fail(EX_USAGE, format_args!("intercept CA: {err}")),
         };
     }
-    match CertificateAuthority::renew(&args.ca_dir, &plan) {
-        Ok((ca, previous)) => {
-            // Both, for the bots' trust store while they change over.
-            print!("{}{}", ca.cert_pem(), previous.unwrap_or_default());
-            eprintln!(
-                "line-retry-proxy: new intercept CA in {}; have bots trust the printed bundle, then restart the proxy",
-                args.ca_dir.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err) => fail(EX_USAGE, format_args!("intercept CA: {err}")),
+    let ca = match CertificateAuthority::load_or_create(&dir, &plan) {
+        Ok(ca) => ca,
+        Err(err) => return fail(EX_USAGE, format_args!("intercept CA: {err}")),
+    };
+    if !args.bundle {
+        print!("{}", ca.cert_pem());
+        return ExitCode::SUCCESS;
     }
+    let (roots_path, roots) = match bundle::system_roots(args.system_roots.as_deref()) {
+        Ok(found) => found,
+        Err(err) => return fail(EX_USAGE, err),
+    };
+    if bundle::count(&roots) == 0 {
+        return fail(
+            EX_USAGE,
+            format_args!(
+                "system roots {}: no PEM certificate in it",
+                roots_path.display()
+            ),
+        );
+    }
+    let previous = std::fs::read_to_string(dir.join(PREVIOUS_CERT_FILE)).unwrap_or_default();
+    print!(
+        "{}",
+        bundle::bundle([roots.as_str(), ca.cert_pem(), previous.as_str()])
+    );
+    ExitCode::SUCCESS
+}
+
+/// The settings as `serve` would take them, checked as `serve` checks them at start
+/// (files exist and parse, the CA directory is usable), printed as a config file.
+fn check_config(args: &ServeArgs) -> ExitCode {
+    let config = match Config::load(args) {
+        Ok(config) => config,
+        Err(err) => return fail(EX_USAGE, err),
+    };
+    if let Err(err) = app::check(&config) {
+        return fail(EX_USAGE, err);
+    }
+    print!("{}", config.describe());
+    ExitCode::SUCCESS
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -197,12 +229,15 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn serve(args: ServeArgs, auth_on_command_line: bool) -> ExitCode {
+fn serve(args: ServeArgs, auth_on_command_line: bool, egress_on_command_line: bool) -> ExitCode {
     let config = match Config::load(&args) {
         Ok(config) => config,
         Err(err) => return fail(EX_USAGE, err),
     };
     telemetry::init(config.log_format);
+    if egress_on_command_line {
+        tracing::warn!("--upstream-proxy with a password on the command line is visible to every user of this machine (ps, /proc); set LINE_RETRY_PROXY_UPSTREAM_PROXY or upstream-proxy in the config file instead");
+    }
     if auth_on_command_line {
         tracing::warn!("--proxy-auth on the command line is visible to every user of this machine (ps, /proc); set LINE_RETRY_PROXY_PROXY_AUTH or proxy-auth in the config file instead");
     }
@@ -273,7 +308,8 @@ async fn reload_on_sighup(app: Arc<App>) {
                     || next.store_ca != app.config.store_ca
                     || next.canonical_json != app.config.canonical_json
                     || next.body_limit != app.config.body_limit
-                    || next.proxy_auth != app.config.proxy_auth;
+                    || next.proxy_auth != app.config.proxy_auth
+                    || next.upstream_proxy != app.config.upstream_proxy;
                 if let Some(host) = next
                     .policy
                     .intercept_hosts
@@ -285,7 +321,7 @@ async fn reload_on_sighup(app: Arc<App>) {
                 app.reload(next.policy);
                 tracing::info!("configuration reloaded: retry policy, windows and host lists");
                 if restart_needed {
-                    tracing::warn!("some changed settings (listeners, upstream, store, CA, body limit, auth, canonical-json) take effect only after a restart");
+                    tracing::warn!("some changed settings (listeners, upstream, upstream-proxy, store, CA, body limit, auth, canonical-json) take effect only after a restart");
                 }
             }
             Err(err) => tracing::error!("reload failed, keeping the current settings: {err}"),

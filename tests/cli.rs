@@ -128,7 +128,7 @@ fn check_config_masks_secrets() {
     );
     assert_eq!(code, 0);
     assert!(!out.contains("hunter2"));
-    assert_eq!(setting(&out, "proxy-auth"), "\"***\"");
+    assert_eq!(setting(&out, "proxy-auth"), "\"<masked>\"");
 }
 
 #[test]
@@ -464,4 +464,239 @@ async fn sighup_reloads_the_tunnel_allowlist() {
     assert_eq!(after, 200);
     proxy.signal("-TERM");
     assert_eq!(proxy.exit_code().await, Some(0));
+}
+
+/// `check-config` refuses what `serve` refuses: a missing or unreadable upstream CA, and
+/// a CA directory that cannot be used (a file in its place, a world-writable directory).
+#[test]
+fn check_config_checks_what_serve_checks() {
+    let dir = temp_dir("checks");
+    let missing = dir.join("no-such-ca.pem");
+    let (code, _, err) = run(
+        &["check-config", "--upstream-ca", missing.to_str().unwrap()],
+        &[("LINE_RETRY_PROXY_CA_DIR", dir.join("ca").to_str().unwrap())],
+    );
+    assert_eq!(
+        code, 64,
+        "a missing upstream-ca must fail as serve does: {err}"
+    );
+    assert!(err.contains("no-such-ca.pem"), "{err}");
+
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let (code, _, err) = run(
+        &["check-config", "--upstream-ca", garbage.to_str().unwrap()],
+        &[("LINE_RETRY_PROXY_CA_DIR", dir.join("ca").to_str().unwrap())],
+    );
+    assert_eq!(code, 64, "an upstream-ca without a certificate: {err}");
+
+    let file_in_the_way = dir.join("ca-file");
+    std::fs::write(&file_in_the_way, "").unwrap();
+    let (code, _, err) = run(
+        &[
+            "check-config",
+            "--ca-dir",
+            file_in_the_way.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 64, "a CA dir that is a file: {err}");
+
+    use std::os::unix::fs::PermissionsExt;
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, _, err) = run(&["check-config", "--ca-dir", open.to_str().unwrap()], &[]);
+    assert_eq!(code, 64, "a world-writable CA dir: {err}");
+
+    // A CA made for other hosts than the ones to intercept: serve refuses it.
+    let narrow = dir.join("narrow");
+    let (code, _, err) = run(&["ca", "--ca-dir", narrow.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(
+        &[
+            "check-config",
+            "--ca-dir",
+            narrow.to_str().unwrap(),
+            "--intercept-hosts",
+            "api.line.me,example.com",
+        ],
+        &[],
+    );
+    assert_eq!(
+        code, 64,
+        "a CA that may not sign for an intercepted host: {err}"
+    );
+    assert!(err.contains("example.com"), "{err}");
+
+    let (code, out, err) = run(&["check-config", "--ca-dir", narrow.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("max-attempts = 4"), "{out}");
+}
+
+/// What `check-config` prints is a config file: read back, it gives the same settings;
+/// masked secrets are recognised and refused with a message that says so.
+#[test]
+fn check_config_output_reads_back_and_masked_secrets_are_refused_clearly() {
+    let dir = temp_dir("readback");
+    let ca_dir = dir.join("ca");
+    let env = [("LINE_RETRY_PROXY_CA_DIR", ca_dir.to_str().unwrap())];
+    let (code, printed, err) = run(
+        &[
+            "check-config",
+            "--dedup-window",
+            "24h",
+            "--attempt-timeout",
+            "1500ms",
+            "--tunnel-allow",
+            "api-data.line.me,127.0.0.1:4443",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(setting(&printed, "attempt-timeout"), "\"1500ms\"");
+    assert!(printed.contains("dedup-window = \"24h\""), "{printed}");
+    assert!(
+        !printed.contains("1day"),
+        "durations in the units people write: {printed}"
+    );
+    let file = dir.join("printed.toml");
+    std::fs::write(&file, &printed).unwrap();
+    let (code, again, err) = run(&["check-config", "--config", file.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "check-config's output must load: {err}");
+    assert_eq!(again, printed);
+
+    for (var, value, key) in [
+        ("LINE_RETRY_PROXY_PROXY_AUTH", "bot:hunter2", "proxy-auth"),
+        (
+            "LINE_RETRY_PROXY_STORE",
+            "redis://proxy:hunter2@127.0.0.1:6379/0",
+            "store",
+        ),
+    ] {
+        let mut with_secret = env.to_vec();
+        with_secret.push((var, value));
+        let (code, printed, err) = run(&["check-config"], &with_secret);
+        assert_eq!(code, 0, "{err}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        std::fs::write(&file, &printed).unwrap();
+        let (code, _, err) = run(&["check-config", "--config", file.to_str().unwrap()], &env);
+        assert_eq!(code, 64, "a masked {key} must not load as a credential");
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains("masked"),
+            "the error must name {key} and say it is masked: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
+/// `ca` reads the same config file as `serve`, so both find the same CA directory.
+#[test]
+fn ca_takes_the_config_file() {
+    let dir = temp_dir("ca-config");
+    let ca_dir = dir.join("from-file");
+    let file = dir.join("proxy.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "ca-dir = {:?}\nintercept-hosts = [\"api.line.me\"]\n",
+            ca_dir.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, printed, err) = run(&["ca", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
+        printed,
+        "the CA of the file's ca-dir"
+    );
+    let (code, again, err) = run(
+        &["ca"],
+        &[("LINE_RETRY_PROXY_CONFIG", file.to_str().unwrap())],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(again, printed, "LINE_RETRY_PROXY_CONFIG as well");
+    let (code, _, err) = run(
+        &["ca", "--config", dir.join("nope.toml").to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 64, "{err}");
+}
+
+/// `ca --bundle`: the system roots and the proxy's CA, PEM only, for the bot's
+/// REQUESTS_CA_BUNDLE / SSL_CERT_FILE, which replace a trust store rather than add.
+#[test]
+fn ca_bundle_adds_the_proxy_ca_to_the_system_roots() {
+    let dir = temp_dir("bundle");
+    let ca_dir = dir.join("ca");
+    // A stand-in for the system bundle: two roots, one of them the proxy's own CA
+    // already (it must not appear twice), with the comments such files carry.
+    let (code, ca_pem, err) = run(&["ca", "--ca-dir", ca_dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let other = rcgen::generate_simple_self_signed(vec!["root.test".into()])
+        .unwrap()
+        .cert
+        .pem();
+    let roots = dir.join("roots.pem");
+    std::fs::write(&roots, format!("# a root\n{other}\n# ours\n{ca_pem}")).unwrap();
+    let (code, bundle, err) = run(
+        &[
+            "ca",
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--bundle",
+            "--system-roots",
+            roots.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(bundle.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+    assert!(bundle.contains(other.trim()) && bundle.contains(ca_pem.trim()));
+    assert!(!bundle.contains('#'), "PEM only: {bundle}");
+
+    // The machine's own roots, found where the distribution keeps them.
+    if std::path::Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+        let (code, bundle, err) = run(
+            &["ca", "--ca-dir", ca_dir.to_str().unwrap(), "--bundle"],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(bundle.matches("-----BEGIN CERTIFICATE-----").count() > 10);
+        assert!(bundle.contains(ca_pem.trim()));
+    }
+    let (code, _, err) = run(
+        &[
+            "ca",
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--bundle",
+            "--system-roots",
+            dir.join("none.pem").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("none.pem"), "{err}");
+}
+
+/// `--help` says what the code does.
+#[test]
+fn help_texts_match_the_behaviour() {
+    let (code, help, _) = run(&["serve", "--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        !help.contains("kernel backlog"),
+        "extra connections are closed: {help}"
+    );
+    let listen = help
+        .lines()
+        .skip_while(|l| !l.contains("--listen <"))
+        .take(3)
+        .collect::<String>();
+    assert!(
+        listen.contains("IP"),
+        "listen takes an IP address: {listen}"
+    );
 }

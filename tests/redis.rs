@@ -477,7 +477,7 @@ async fn the_redis_password_never_appears_in_logs_or_check_config() {
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success());
     assert!(
-        out.contains("store = \"redis://proxy:***@127.0.0.1:"),
+        out.contains("store = \"redis://proxy:<masked>@127.0.0.1:"),
         "{out}"
     );
     assert!(!out.contains("hunter2"), "{out}");

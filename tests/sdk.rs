@@ -49,21 +49,24 @@ struct Run {
     json: serde_json::Value,
 }
 
-fn run(mut cmd: Command, what: &str) -> Run {
+fn run(cmd: Command, what: &str) -> Run {
+    let (success, run, stderr) = run_any(cmd, what);
+    assert!(success, "{what} failed: {:?}\nstderr: {stderr}", run.json);
+    run
+}
+
+/// The script's JSON line whether it succeeded or not, and its stderr.
+fn run_any(mut cmd: Command, what: &str) -> (bool, Run, String) {
     let out = support::output_within(&mut cmd, std::time::Duration::from_secs(120), what);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{what} failed:\nstdout: {stdout}\nstderr: {stderr}"
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let line = stdout
         .lines()
         .last()
         .unwrap_or_else(|| panic!("{what}: no output; stderr: {stderr}"));
     let json =
         serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"));
-    Run { json }
+    (out.status.success(), Run { json }, stderr)
 }
 
 /// Where a bot finds the proxy: its address and the CA it must trust.
@@ -150,6 +153,93 @@ async fn push_twice(mode: &'static str, send: fn(&Target, &str, &str) -> Run) {
             "{mode}: each run came through CONNECT and the proxy's CA"
         );
     }
+}
+
+/// A `requests`-based bot (the legacy SDK's client) through HTTPS_PROXY, its roots from
+/// `ca_file` (REQUESTS_CA_BUNDLE replaces them): first the intercepted push, then a
+/// push to `tunnelled`, another host behind the same proxy.
+fn requests_bot(proxy: &Proxy, ca_file: &Path, tunnelled: &MockLine) -> (Run, (bool, Run, String)) {
+    let target = Target {
+        url: format!("http://{}", proxy.addr),
+        ca: ca_file.to_owned(),
+    };
+    let intercepted = python_push(&target, "legacy-proxy", "to the intercepted host");
+    let mut cmd = command(&python());
+    cmd.arg(repo().join("tests/sdk/python_push.py"))
+        .arg("tunnel")
+        .env("LRP_TEXT", "to the tunnelled host")
+        .env("HTTPS_PROXY", &target.url)
+        .env("REQUESTS_CA_BUNDLE", ca_file)
+        .env(
+            "LRP_TUNNEL_URL",
+            format!("https://{}/v2/bot/message/push", tunnelled.addr()),
+        );
+    (intercepted, run_any(cmd, "tunnel"))
+}
+
+/// The README's recipe for clients whose CA file replaces their roots: the bundle from
+/// `ca --bundle`. With it a bot reaches both the intercepted LINE API and a tunnelled
+/// host (api-data.line.me in production); with the proxy's CA alone, the tunnelled
+/// host fails verification, which is why the bundle exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_with_the_bundle_reaches_intercepted_and_tunnelled_hosts() {
+    let line = MockLine::start().await;
+    // A host with a certificate from a "public" CA: the system roots' stand-in.
+    let data = MockLine::start().await;
+    let proxy = Proxy::start(&line, &["--tunnel-allow=127.0.0.1"]).await;
+    let bundle = proxy.ca_dir.join("bundle.pem");
+    let mut ca = Command::new(env!("CARGO_BIN_EXE_line-retry-proxy"));
+    ca.env_clear().args([
+        "ca",
+        "--ca-dir",
+        proxy.ca_dir.to_str().unwrap(),
+        "--bundle",
+        "--system-roots",
+        data.ca_path().to_str().unwrap(),
+    ]);
+    let out = support::output_within(&mut ca, std::time::Duration::from_secs(30), "ca --bundle");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&bundle, &out.stdout).unwrap();
+
+    let (proxy_ca_only, with_bundle) = {
+        let (proxy_ca, bundle) = (proxy.ca_dir.join("ca.pem"), bundle.clone());
+        let (proxy_ref, data_ref) = (&proxy, &data);
+        tokio::task::block_in_place(|| {
+            (
+                requests_bot(proxy_ref, &proxy_ca, data_ref),
+                requests_bot(proxy_ref, &bundle, data_ref),
+            )
+        })
+    };
+
+    let (intercepted, (tunnel_ok, tunnel, stderr)) = with_bundle;
+    assert_eq!(intercepted.json["status"], 200, "{:?}", intercepted.json);
+    assert!(
+        tunnel_ok,
+        "the tunnelled host with the bundle: {:?} {stderr}",
+        tunnel.json
+    );
+    assert_eq!(tunnel.json["status"], 200, "{:?}", tunnel.json);
+    let tunnelled = data.deliveries();
+    assert_eq!(
+        tunnelled.len(),
+        1,
+        "only the bundle's run reached the tunnelled host"
+    );
+    assert_eq!(tunnelled[0].retry_key, None, "a tunnel is not intercepted");
+
+    // The proxy's CA alone: the intercepted host works, the tunnelled one cannot.
+    let (intercepted, (tunnel_ok, tunnel, _)) = proxy_ca_only;
+    assert_eq!(intercepted.json["status"], 200, "{:?}", intercepted.json);
+    assert!(!tunnel_ok, "{:?}", tunnel.json);
+    let error = tunnel.json["error"].as_str().unwrap_or_default();
+    assert!(error.contains("CERTIFICATE_VERIFY_FAILED"), "{error}");
+    // Both runs' intercepted pushes: one text, so the second was the first's replay.
+    assert_eq!(line.deliveries().len(), 1);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Policy, StoreKind};
+use crate::config::{Config, Policy, RedisTarget, StoreKind, UpstreamProxy};
 use crate::edge::intercept::ca::{CaError, CaPlan, CertificateAuthority};
 use crate::edge::intercept::leaf::LeafCache;
 use crate::edge::{Edge, Limits};
@@ -20,6 +20,7 @@ use crate::pipeline::Pipeline;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::{Store, StoreError};
+use crate::upstream::egress::Egress;
 use crate::upstream::{Client, UpstreamError};
 
 /// Bounds the intercept leaf cache: one entry per intercepted host name.
@@ -53,20 +54,17 @@ impl App {
     pub fn new(config: Config) -> Result<Arc<App>, StartError> {
         let store: Box<dyn Store> = match &config.store {
             StoreKind::Memory => Box::new(MemoryStore::new(config.store_max_bytes)),
-            StoreKind::Redis(target) => Box::new(RedisStore::new(RedisOptions {
-                tls: target.tls,
-                host: target.host.clone(),
-                port: target.port,
-                db: target.db,
-                username: target.username.clone(),
-                password: target.password.as_ref().map(|p| p.expose().to_owned()),
-                ca: config.store_ca.clone(),
-                timeout: config.store_timeout,
-            })?),
+            StoreKind::Redis(target) => Box::new(RedisStore::new(redis_options(&config, target))?),
         };
+        // One way out for the client to LINE and for the tunnels alike.
+        let egress = Arc::new(Egress::new(config.upstream_proxy.clone()));
+        if config.upstream_proxy != UpstreamProxy::Direct {
+            tracing::info!(upstream_proxy = %config.upstream_proxy, "outbound connections go through an egress proxy");
+        }
         let upstream = Client::new(
             config.upstream.clone(),
             config.upstream_ca.as_deref(),
+            egress.clone(),
             config.policy.retry.attempt_timeout,
         )?;
         let metrics = Arc::new(Metrics::default());
@@ -85,14 +83,9 @@ impl App {
             config.canonical_json,
         ));
 
-        let plan = CaPlan {
-            hosts: config.policy.intercept_hosts.clone(),
-            lifetime: config.ca_lifetime,
-        };
+        let plan = ca_plan(&config);
         let ca = CertificateAuthority::load_or_create(&config.ca_dir, &plan)?;
-        if let Some(host) = plan.hosts.iter().find(|h| !ca.permits(h)) {
-            return Err(CaError::OutsideConstraints(host.clone()).into());
-        }
+        check_constraints(&ca, &plan)?;
         if !ca.is_constrained() {
             tracing::warn!("the intercept CA has no name constraint: its key could sign for any site; make a constrained one with `line-retry-proxy ca --renew`");
         }
@@ -123,6 +116,7 @@ impl App {
             leaves,
             http,
             proxy_auth: config.proxy_auth.clone(),
+            egress,
             limits: Limits {
                 max_connections: config.max_connections,
                 admin_max_connections: config.admin_max_connections,
@@ -143,6 +137,53 @@ impl App {
     /// Swaps in a new policy; requests already running keep the one they started with.
     pub fn reload(&self, policy: Policy) {
         self.pipeline.reload(policy);
+    }
+}
+
+/// What [`App::new`] would refuse, found without starting anything (`check-config`):
+/// the store's settings and CA, the upstream CA, and the intercept CA directory (its
+/// CA loaded and checked if there is one, or the place to create it writable).
+pub fn check(config: &Config) -> Result<(), StartError> {
+    if let StoreKind::Redis(target) = &config.store {
+        crate::store::redis::check(&redis_options(config, target))?;
+    }
+    Client::new(
+        config.upstream.clone(),
+        config.upstream_ca.as_deref(),
+        Arc::new(Egress::new(config.upstream_proxy.clone())),
+        config.policy.retry.attempt_timeout,
+    )?;
+    if let Some(ca) = CertificateAuthority::check(&config.ca_dir)? {
+        check_constraints(&ca, &ca_plan(config))?;
+    }
+    Ok(())
+}
+
+fn ca_plan(config: &Config) -> CaPlan {
+    CaPlan {
+        hosts: config.policy.intercept_hosts.clone(),
+        lifetime: config.ca_lifetime,
+    }
+}
+
+/// Bots refuse a leaf outside the CA's name constraints: refuse to start instead.
+fn check_constraints(ca: &CertificateAuthority, plan: &CaPlan) -> Result<(), CaError> {
+    match plan.hosts.iter().find(|h| !ca.permits(h)) {
+        Some(host) => Err(CaError::OutsideConstraints(host.clone())),
+        None => Ok(()),
+    }
+}
+
+fn redis_options(config: &Config, target: &RedisTarget) -> RedisOptions {
+    RedisOptions {
+        tls: target.tls,
+        host: target.host.clone(),
+        port: target.port,
+        db: target.db,
+        username: target.username.clone(),
+        password: target.password.as_ref().map(|p| p.expose().to_owned()),
+        ca: config.store_ca.clone(),
+        timeout: config.store_timeout,
     }
 }
 

@@ -1,15 +1,36 @@
-//! `check-config`'s view of a [`Config`]: the effective settings, secrets masked.
+//! `check-config`'s view of a [`Config`]: the effective settings as a config file
+//! that loads to the same settings, secrets [`MASKED`] (which the loader refuses).
 
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Config, LogFormat};
+use super::{Config, LogFormat, MASKED, ONE_YEAR};
 use crate::domain::Endpoint;
+
+/// A duration in the largest unit that states it exactly, as people write them in
+/// the file: `24h`, `45s`, `1500ms`, `1year`.
+pub(super) fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !d.subsec_nanos().is_multiple_of(1_000_000) || ms == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    let year = ONE_YEAR.as_millis();
+    if ms.is_multiple_of(year) {
+        let n = ms / year;
+        return format!("{n}{}", if n == 1 { "year" } else { "years" });
+    }
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
 
 impl Config {
     /// The effective settings, one `key = value` a line, secrets masked.
     pub fn describe(&self) -> String {
-        let d = |d: Duration| format!("{:?}", humantime::format_duration(d).to_string());
+        let d = |d: Duration| format!("{:?}", duration(d));
         let r = &self.policy.retry;
         let mut out = String::new();
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
@@ -30,6 +51,7 @@ impl Config {
                     .unwrap_or_default()
             ),
         );
+        line("upstream-proxy", self.upstream_proxy.describe());
         line("ca-dir", format!("{:?}", self.ca_dir.display().to_string()));
         line("store", format!("{:?}", self.store.to_string()));
         line("store-timeout", d(self.store_timeout));
@@ -75,11 +97,10 @@ impl Config {
         line(
             "proxy-auth",
             if self.proxy_auth.is_some() {
-                "\"***\""
+                format!("{MASKED:?}")
             } else {
-                "\"\""
-            }
-            .into(),
+                "\"\"".into()
+            },
         );
         line("max-connections", self.max_connections.to_string());
         line("header-timeout", d(self.header_timeout));
@@ -104,5 +125,34 @@ impl Config {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_the_units_people_write() {
+        let cases = [
+            (Duration::from_secs(86_400), "24h"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_millis(50), "50ms"),
+            (ONE_YEAR, "1year"),
+            (ONE_YEAR * 2, "2years"),
+        ];
+        for (d, text) in cases {
+            assert_eq!(duration(d), text);
+            assert_eq!(
+                humantime::parse_duration(text).unwrap(),
+                d,
+                "{text} reads back"
+            );
+        }
+        let odd = Duration::from_nanos(1_500);
+        assert_eq!(humantime::parse_duration(&duration(odd)).unwrap(), odd);
+        assert_eq!(duration(Duration::ZERO), "0s");
     }
 }

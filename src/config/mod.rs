@@ -6,6 +6,7 @@
 //! whose one line names the option, and `main` exits 64 with it.
 
 mod describe;
+mod egress;
 mod sources;
 mod values;
 
@@ -16,12 +17,13 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 
+pub use egress::{EgressProxy, NoProxy, UpstreamProxy};
 pub use sources::ServeArgs;
 use sources::{list, pick, read_file, FileConfig};
 use values::{
     addr, boolean, duration, hosts, log_format, number, proxy_auth, ratio, store, upstream, window,
 };
-pub use values::{ConfigError, Secret};
+pub use values::{ConfigError, Secret, MASKED};
 
 use crate::domain::{Endpoint, LINE_KEY_LIFETIME};
 use crate::retry::ExponentialBackoff;
@@ -30,7 +32,7 @@ use crate::retry::ExponentialBackoff;
 pub const MAX_DEDUP_WINDOW: Duration = LINE_KEY_LIFETIME;
 
 /// A year as the duration syntax spells it (`1year`, 365.25 days).
-const ONE_YEAR: Duration = Duration::from_secs(31_557_600);
+pub(super) const ONE_YEAR: Duration = Duration::from_secs(31_557_600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -69,7 +71,7 @@ pub struct RedisTarget {
     pub db: i64,
     /// For Redis ACLs; none means the default user.
     pub username: Option<String>,
-    /// Never printed: `Debug` and `Display` show `***`.
+    /// Never printed: `Debug` shows `***`, `Display` [`MASKED`].
     pub password: Option<Secret>,
 }
 
@@ -77,8 +79,8 @@ impl fmt::Display for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.tls { "rediss://" } else { "redis://" })?;
         match (&self.username, &self.password) {
-            (Some(user), Some(_)) => write!(f, "{user}:***@")?,
-            (None, Some(_)) => f.write_str(":***@")?,
+            (Some(user), Some(_)) => write!(f, "{user}:{MASKED}@")?,
+            (None, Some(_)) => write!(f, ":{MASKED}@")?,
             (Some(user), None) => write!(f, "{user}@")?,
             (None, None) => {}
         }
@@ -167,6 +169,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub upstream: UpstreamTarget,
     pub upstream_ca: Option<PathBuf>,
+    /// The company egress proxy every outbound connection goes through, if any.
+    pub upstream_proxy: UpstreamProxy,
     pub ca_dir: PathBuf,
     pub store: StoreKind,
     /// Longest a send waits on a shared store before it goes on without it.
@@ -221,6 +225,11 @@ impl Config {
             "127.0.0.1:9090",
         )?;
         let upstream = upstream(pick(&args.upstream, file.upstream))?;
+        let upstream_proxy = egress::upstream_proxy(
+            pick(&args.upstream_proxy, file.upstream_proxy),
+            &|name| std::env::var(name).ok(),
+            listen,
+        )?;
         let dedup_window = window(
             "dedup-window",
             pick(&args.dedup_window, file.dedup_window),
@@ -367,6 +376,7 @@ impl Config {
                 .clone()
                 .or(file.upstream_ca)
                 .filter(|p| !p.as_os_str().is_empty()),
+            upstream_proxy,
             ca_dir: args
                 .ca_dir
                 .clone()
@@ -568,7 +578,7 @@ mod tests {
         assert_eq!(t.password.as_ref().map(Secret::expose), Some("p@ss"));
         assert_eq!(
             c.store.to_string(),
-            "rediss://proxy:***@redis.internal:6380/3"
+            "rediss://proxy:<masked>@redis.internal:6380/3"
         );
         let plain = file("store = \"redis://[::1]\"").unwrap();
         assert_eq!(plain.store.to_string(), "redis://[::1]:6379/0");
@@ -596,7 +606,7 @@ mod tests {
         assert!(!c.describe().contains("hunter2"));
         assert!(c
             .describe()
-            .contains("store = \"redis://:***@127.0.0.1:6379/0\""));
+            .contains("store = \"redis://:<masked>@127.0.0.1:6379/0\""));
         for bad in [
             "redis://u:hunter2@host/x",
             "redis://u:hunter2@",
@@ -606,6 +616,28 @@ mod tests {
             let err = file(&format!("store = {bad:?}")).unwrap_err().to_string();
             assert!(!err.contains("hunter2"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_upstream_proxy_password_is_masked_everywhere() {
+        let c = file("upstream-proxy = \"http://corp:hunter2@127.0.0.1:3128\"").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(c
+            .describe()
+            .contains("upstream-proxy = \"http://corp:<masked>@127.0.0.1:3128\""));
+        // The mask read back is refused by name, never taken for the password.
+        let err = Config::from_toml(&c.describe()).unwrap_err().to_string();
+        assert!(err.contains("`upstream-proxy` holds <masked>"), "{err}");
+        let err = file("upstream-proxy = \"http://corp:hunter2@127.0.0.1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`upstream-proxy`") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let direct = Config::from_toml("").unwrap();
+        let again = Config::from_toml(&direct.describe()).unwrap();
+        assert_eq!(again.upstream_proxy, UpstreamProxy::Direct);
     }
 
     #[test]

@@ -16,11 +16,11 @@ pub struct ServeArgs {
     /// TOML file with any of the options below (flags and env win over it)
     #[arg(long, env = "LINE_RETRY_PROXY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Proxy listener for bots: HTTPS_PROXY, base-URL and plain-proxy traffic [default: 127.0.0.1:8080]
-    #[arg(long, env = "LINE_RETRY_PROXY_LISTEN", value_name = "ADDR")]
+    /// Proxy listener for bots: HTTPS_PROXY, base-URL and plain-proxy traffic; an IP address and port, not a host name [default: 127.0.0.1:8080]
+    #[arg(long, env = "LINE_RETRY_PROXY_LISTEN", value_name = "IP:PORT")]
     pub listen: Option<String>,
-    /// Admin listener: /healthz, /readyz, /metrics [default: 127.0.0.1:9090]
-    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    /// Admin listener: /healthz, /readyz, /metrics; an IP address and port [default: 127.0.0.1:9090]
+    #[arg(long, env = "LINE_RETRY_PROXY_ADMIN_LISTEN", value_name = "IP:PORT")]
     pub admin_listen: Option<String>,
     /// Where base-URL and intercepted api.line.me traffic goes [default: https://api.line.me]
     #[arg(long, env = "LINE_RETRY_PROXY_UPSTREAM", value_name = "URL")]
@@ -28,6 +28,14 @@ pub struct ServeArgs {
     /// Extra CA (PEM) trusted for the upstream, beside the webpki roots
     #[arg(long, env = "LINE_RETRY_PROXY_UPSTREAM_CA", value_name = "PEM")]
     pub upstream_ca: Option<PathBuf>,
+    /// Reach the upstream and tunnel targets through a company egress proxy (CONNECT): http://[USER:PASSWORD@]HOST:PORT, `env` for HTTPS_PROXY/NO_PROXY as set at start, or none. Set a password in the environment or the file: a flag is visible in `ps` [default: none]
+    #[arg(
+        long,
+        env = "LINE_RETRY_PROXY_UPSTREAM_PROXY",
+        value_name = "URL|env|none",
+        hide_env_values = true
+    )]
+    pub upstream_proxy: Option<String>,
     /// Directory of the intercept CA (ca.pem, ca.key) [default: ./ca]
     #[arg(long, env = "LINE_RETRY_PROXY_CA_DIR", value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
@@ -101,7 +109,7 @@ pub struct ServeArgs {
     /// Require Proxy-Authorization: Basic (USER:PASSWORD) on CONNECT and absolute-form requests only: base-URL requests are not covered, as SDKs cannot send it there. Set it in the environment or the file: a flag is visible in `ps`
     #[arg(long, env = "LINE_RETRY_PROXY_PROXY_AUTH", value_name = "USER:PASSWORD", hide_env_values = true, value_parser = secret)]
     pub proxy_auth: Option<Secret>,
-    /// Client connections served at once; more wait in the kernel backlog [default: 4096]
+    /// Client connections served at once; past it, new ones are closed at accept and counted [default: 4096]
     #[arg(long, env = "LINE_RETRY_PROXY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<String>,
     /// Time a client has to send a request head, from accept on [default: 10s]
@@ -141,6 +149,7 @@ pub(super) struct FileConfig {
     pub(super) admin_listen: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) upstream_ca: Option<PathBuf>,
+    pub(super) upstream_proxy: Option<String>,
     pub(super) ca_dir: Option<PathBuf>,
     pub(super) store: Option<String>,
     pub(super) store_timeout: Option<String>,

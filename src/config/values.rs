@@ -25,6 +25,17 @@ impl ConfigError {
     }
 }
 
+/// How `check-config` prints a secret. Read back from a file, it is refused by name:
+/// a copied config must not turn the mask into a credential.
+pub const MASKED: &str = "<masked>";
+
+/// The error for a secret that is still [`MASKED`]; it names only the option.
+pub(super) fn masked(name: &str, hint: &str) -> ConfigError {
+    ConfigError(format!(
+        "option `{name}` holds {MASKED}, the mask check-config prints instead of the secret: {hint}"
+    ))
+}
+
 /// A value that must never reach a log line, an error, or `check-config` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub(super) String);
@@ -234,18 +245,25 @@ pub(super) fn store(value: Option<String>) -> Result<StoreKind, ConfigError> {
             .map(|d| Some(d.into_owned()))
             .map_err(|_| bad("the user name and password must be UTF-8"))
     };
+    let password = decode(url.password().unwrap_or_default())?;
+    if password.as_deref() == Some(MASKED) {
+        return Err(masked(
+            "store",
+            "put the real password in the URL, or the whole URL in LINE_RETRY_PROXY_STORE",
+        ));
+    }
     Ok(StoreKind::Redis(RedisTarget {
         tls,
         host,
         port: url.port().unwrap_or(6379),
         db,
         username: decode(url.username())?,
-        password: decode(url.password().unwrap_or_default())?.map(Secret),
+        password: password.map(Secret),
     }))
 }
 
 /// A store URL fit for an error message: anything before an `@` may be a password.
-fn redact_userinfo(value: &str) -> String {
+pub(super) fn redact_userinfo(value: &str) -> String {
     match (value.find("://"), value.rfind('@')) {
         (Some(start), Some(at)) if at > start => {
             format!("{}***{}", &value[..start + 3], &value[at..])
@@ -272,6 +290,10 @@ pub(super) fn proxy_auth(value: Option<Secret>) -> Result<Option<Secret>, Config
         // Empty, as the shipped file and check-config show an unset one: none.
         None => Ok(None),
         Some(v) if v.0.is_empty() => Ok(None),
+        Some(v) if v.0 == MASKED => Err(masked(
+            "proxy-auth",
+            "put the real USER:PASSWORD here or in LINE_RETRY_PROXY_PROXY_AUTH",
+        )),
         Some(v)
             if v.0
                 .split_once(':')

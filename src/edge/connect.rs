@@ -4,7 +4,8 @@
 //!   name issued by the proxy's CA, and serve the decrypted requests through the same
 //!   pipeline as base-URL mode (HTTP/1.1 or HTTP/2 by ALPN);
 //! - host in the tunnel allowlist: connect first (so an unreachable target is a clear
-//!   502, not a dead tunnel), answer 200, copy bytes both ways;
+//!   502, not a dead tunnel), through the egress proxy when `upstream-proxy` is set,
+//!   answer 200, copy bytes both ways;
 //! - anything else: 403 with the reason. Not an open relay.
 //!
 //! Every tunnel task is tracked: shutdown drains intercepted connections request by
@@ -69,22 +70,14 @@ async fn open(
         return Err(ProxyError::HostNotAllowed { host });
     }
     let connect_timeout = settings.policy.retry.attempt_timeout;
-    let target = match timeout(connect_timeout, TcpStream::connect((host.as_str(), port))).await {
-        Ok(Ok(target)) => target,
-        Ok(Err(err)) => {
-            return Err(ProxyError::TunnelTarget {
-                host,
-                reason: err.kind().to_string(),
-            })
-        }
-        Err(_) => {
-            return Err(ProxyError::TunnelTarget {
-                host,
-                reason: "connect timed out".into(),
-            })
-        }
-    };
-    let _ = target.set_nodelay(true);
+    let target = edge
+        .egress
+        .connect(&host, port, connect_timeout)
+        .await
+        .map_err(|err| ProxyError::TunnelTarget {
+            host: host.clone(),
+            reason: err.to_string(),
+        })?;
     let task_edge = edge.clone();
     after_upgrade(edge, &mut req, &slot, move |upgraded| {
         tunnel(task_edge, upgraded, target)

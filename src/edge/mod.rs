@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::upstream::egress::Egress;
 use intercept::leaf::LeafCache;
 
 /// What the edge holds the outside world to.
@@ -51,6 +52,9 @@ pub struct Edge {
     pub http: auto::Builder<TokioExecutor>,
     /// `Proxy-Authorization: Basic` required on CONNECT and absolute-form requests.
     pub proxy_auth: Option<Secret>,
+    /// How tunnels to allowlisted hosts reach them: directly or through the company
+    /// egress proxy, as the client to LINE does.
+    pub egress: Arc<Egress>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     /// Connections and tunnels: shutdown waits for all of them.

@@ -2,8 +2,13 @@
 //! HTTP/2 or HTTP/1.1 by ALPN. Certificates are always verified: webpki roots, plus
 //! the operator's `--upstream-ca` (tests point it at their own CA).
 //!
+//! Every connection it opens goes through [`egress`]: straight to the target, or as a
+//! `CONNECT` tunnel through the company egress proxy (`upstream-proxy`).
+//!
 //! The request path sees it through the [`Upstream`] trait, so a phase can be driven
 //! against a stand-in without sockets.
+
+pub mod egress;
 
 use std::io::BufReader;
 use std::path::Path;
@@ -13,7 +18,6 @@ use std::time::Duration;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
@@ -21,6 +25,7 @@ use rustls::RootCertStore;
 use crate::body::{boxed, BoxFuture, ProxyBody};
 use crate::config::UpstreamTarget;
 use crate::domain::AttemptFailure;
+use egress::{Egress, EgressConnector};
 
 /// Where requests bound for LINE go, and how they get there.
 pub trait Upstream: Send + Sync + 'static {
@@ -45,9 +50,9 @@ pub enum UpstreamError {
 }
 
 /// The real client: pooled connections to `--upstream` (and, for allowlisted
-/// absolute-form requests, to other hosts).
+/// absolute-form requests, to other hosts), each opened through `egress`.
 pub struct Client {
-    client: HyperClient<HttpsConnector<HttpConnector>, ProxyBody>,
+    client: HyperClient<HttpsConnector<EgressConnector>, ProxyBody>,
     target: UpstreamTarget,
 }
 
@@ -55,6 +60,7 @@ impl Client {
     pub fn new(
         target: UpstreamTarget,
         extra_ca: Option<&Path>,
+        egress: Arc<Egress>,
         connect_timeout: Duration,
     ) -> Result<Self, UpstreamError> {
         let mut roots = RootCertStore::empty();
@@ -69,10 +75,7 @@ impl Client {
         .with_root_certificates(roots)
         .with_no_client_auth();
 
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
+        let http = EgressConnector::new(egress, connect_timeout);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

@@ -9,6 +9,9 @@ Usage: python_push.py MODE, MODE one of
                    Configuration.proxy = LRP_PROXY_URL and Configuration.ssl_ca_cert =
                    LRP_CA_FILE (its urllib3 client ignores HTTPS_PROXY)
   v3-base-url      linebot.v3.messaging with Configuration(host=LRP_BASE_URL)
+  tunnel           a plain requests.post of the push to LRP_TUNNEL_URL, another host a
+                   bot talks to through the same HTTPS_PROXY (api-data.line.me, say),
+                   which the proxy tunnels untouched; REQUESTS_CA_BUNDLE decides trust
 Environment: LRP_TOKEN (channel access token), LRP_TO (user id), LRP_TEXT (message text).
 
 Prints exactly one JSON line on stdout:
@@ -23,7 +26,7 @@ import os
 import sys
 import warnings
 
-MODES = ("legacy-proxy", "legacy-base-url", "v3-proxy", "v3-base-url")
+MODES = ("legacy-proxy", "legacy-base-url", "v3-proxy", "v3-base-url", "tunnel")
 
 
 def header(headers, name):
@@ -98,6 +101,18 @@ def v3(mode):
     return result(answer.status_code, sent, answer.headers)
 
 
+def tunnel():
+    import requests
+
+    response = requests.post(
+        os.environ["LRP_TUNNEL_URL"],
+        headers={"Authorization": "Bearer " + os.environ["LRP_TOKEN"]},
+        json={"to": os.environ["LRP_TO"], "messages": [{"type": "text", "text": os.environ["LRP_TEXT"]}]},
+        timeout=30,
+    )
+    return result(response.status_code, response.json().get("sentMessages"), response.headers)
+
+
 def error_status(error):
     # LineBotApiError.status_code (legacy), ApiException.status (v3)
     for name in ("status_code", "status"):
@@ -113,7 +128,12 @@ def main():
         print(json.dumps({"mode": mode, "error": f"usage: python_push.py {{{'|'.join(MODES)}}}", "status": None}))
         return 2
     try:
-        answer = legacy(mode) if mode.startswith("legacy-") else v3(mode)
+        if mode == "tunnel":
+            answer = tunnel()
+        elif mode.startswith("legacy-"):
+            answer = legacy(mode)
+        else:
+            answer = v3(mode)
     except Exception as error:  # the caller reads the type and message
         print(json.dumps({"mode": mode, "error": f"{type(error).__name__}: {error}", "status": error_status(error)}))
         return 1

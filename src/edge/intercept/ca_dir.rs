@@ -25,16 +25,7 @@ impl CertificateAuthority {
         let key_path = dir.join(KEY_FILE);
         let shared_dir = check_dir(dir)?;
         match (exists(&cert_path)?, exists(&key_path)?) {
-            (true, true) => {
-                if shared_dir {
-                    check_owner(&key_path)?;
-                    check_owner(&cert_path)?;
-                }
-                let key_pem = read_private(&key_path)?;
-                let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-                let origin = |path: &Path| path.display().to_string();
-                Self::build_guarded(&cert_pem, &key_pem, &origin(&cert_path), &origin(&key_path))
-            }
+            (true, true) => Self::load(dir, shared_dir),
             (false, false) if shared_dir => Err(CaError::DirWritable(dir.to_owned(), 0o1777)),
             (false, false) => {
                 let ca = Self::generate(plan)?;
@@ -53,6 +44,36 @@ impl CertificateAuthority {
             (true, false) => Err(CaError::Incomplete(key_path, cert_path)),
             (false, true) => Err(CaError::Incomplete(cert_path, key_path)),
         }
+    }
+
+    /// What [`Self::load_or_create`] would refuse, without creating anything: the CA
+    /// in `dir`, loaded and checked, if there is one; else whether it could be made
+    /// there (the directory, or its nearest existing parent, is one this user can
+    /// write to).
+    pub fn check(dir: &Path) -> Result<Option<Self>, CaError> {
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        let shared_dir = check_dir(dir)?;
+        match (exists(&cert_path)?, exists(&key_path)?) {
+            (true, true) => Self::load(dir, shared_dir).map(Some),
+            (false, false) if shared_dir => Err(CaError::DirWritable(dir.to_owned(), 0o1777)),
+            (false, false) => check_creatable(dir).map(|()| None),
+            (true, false) => Err(CaError::Incomplete(key_path, cert_path)),
+            (false, true) => Err(CaError::Incomplete(cert_path, key_path)),
+        }
+    }
+
+    fn load(dir: &Path, shared_dir: bool) -> Result<Self, CaError> {
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        if shared_dir {
+            check_owner(&key_path)?;
+            check_owner(&cert_path)?;
+        }
+        let key_pem = read_private(&key_path)?;
+        let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let origin = |path: &Path| path.display().to_string();
+        Self::build_guarded(&cert_pem, &key_pem, &origin(&cert_path), &origin(&key_path))
     }
 
     /// Replaces the CA in `dir` with a new one made to `plan`. The old certificate is
@@ -103,6 +124,43 @@ fn check_dir(dir: &Path) -> Result<bool, CaError> {
         return Err(CaError::DirWritable(dir.to_owned(), mode));
     }
     Ok(true)
+}
+
+/// The CA could be created in `dir`: it, or the nearest of its parents that exists,
+/// is a directory this user can create files in (tried with a file removed at once).
+fn check_creatable(dir: &Path) -> Result<(), CaError> {
+    let mut place = dir;
+    loop {
+        match fs::metadata(place) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => {
+                let not_dir =
+                    std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory");
+                return Err(CaError::Io(place.to_owned(), not_dir));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                place = match place.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => parent,
+                    // A relative path: its last parent is the working directory.
+                    _ if place != Path::new(".") => Path::new("."),
+                    _ => return Err(CaError::Io(place.to_owned(), e)),
+                };
+            }
+            Err(e) => return Err(CaError::Io(place.to_owned(), e)),
+        }
+    }
+    let probe = place.join(format!(
+        ".line-retry-proxy-check.{:016x}.tmp",
+        fastrand::u64(..)
+    ));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+        .map_err(io(place))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
 }
 
 /// In a shared directory, a file must belong to this process's user or to root.

@@ -160,6 +160,12 @@ impl RedisStore {
     }
 }
 
+/// What [`RedisStore::new`] would refuse, without connecting: the address, the
+/// credentials' form, and the CA file.
+pub fn check(options: &RedisOptions) -> Result<(), StoreError> {
+    client(options).map(drop)
+}
+
 fn client(options: &RedisOptions) -> Result<Client, StoreError> {
     let addr = if options.tls {
         ConnectionAddr::TcpTls {
@@ -187,8 +193,16 @@ fn client(options: &RedisOptions) -> Result<Client, StoreError> {
         .set_redis_settings(redis);
     let built = match &options.ca {
         Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| StoreError::Setup(format!("store-ca {}: {e}", path.display())))?;
+            let bad = |reason: String| {
+                StoreError::Setup(format!("store-ca {}: {reason}", path.display()))
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let first = rustls_pemfile::certs(&mut pem.as_slice()).next();
+            match first {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(bad(e.to_string())),
+                None => return Err(bad("no PEM certificate in it".into())),
+            }
             let certificates = ::redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(pem),
