@@ -184,10 +184,13 @@ fn the_bare_bot_duplicates_and_the_proxied_one_delivers_each_message_once() {
 
 #[test]
 fn the_readme_shows_what_the_demo_prints() {
-    // The bare run's course cannot change from run to run: every fault is decided by
+    // The bare run's course does not change from run to run: every fault is decided by
     // the seed, and a held answer outlasts the bot's timeout. So the README's output
     // (the default run) repeats, but for which of the proxy's answers were coalesced
-    // and which replayed: that depends on when a resend arrives.
+    // and which replayed: that depends on when a resend arrives. A machine so loaded
+    // that an ordinary exchange outlasts the bot's 200ms timeout changes the bare
+    // course too, so a differing run is tried again, at most three times in all; a
+    // README that is out of date differs every time.
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md is readable");
     let shown = readme
@@ -198,29 +201,52 @@ fn the_readme_shows_what_the_demo_prints() {
         .expect("the README shows the demo's output in a text block");
     assert!(readme.contains("cargo run --release -- demo"));
     let shown = Table::parse(shown);
-    let (code, now) = demo_default();
-    assert_eq!(code, 0, "{}", now.text);
-    assert!(now.rows.len() > 15, "{}", now.text);
-    assert_eq!(
-        shown.prose(),
-        now.prose(),
-        "the README's text\n{}\nthe demo's\n{}",
-        shown.text,
-        now.text
+    let mut last = Vec::new();
+    for _ in 0..3 {
+        let (code, now) = demo_default();
+        assert_eq!(code, 0, "{}", now.text);
+        assert!(now.rows.len() > 15, "{}", now.text);
+        last = differences(&shown, &now);
+        if last.is_empty() {
+            return;
+        }
+    }
+    panic!(
+        "the README's demo output differs from three runs; the last:\n{}",
+        last.join("\n")
     );
-    let mut labels: Vec<&String> = now.rows.keys().collect();
-    labels.sort();
-    assert_eq!(labels, {
-        let mut l: Vec<&String> = shown.rows.keys().collect();
+}
+
+/// Where a run differs from the README: the prose, the rows, every row of the bare
+/// column, and the rows of the proxied column that timing cannot change.
+fn differences(shown: &Table, now: &Table) -> Vec<String> {
+    let mut found = Vec::new();
+    if shown.prose() != now.prose() {
+        found.push(format!(
+            "the text: README\n{}\nnow\n{}",
+            shown.text, now.text
+        ));
+    }
+    let sorted = |t: &Table| {
+        let mut l: Vec<String> = t.rows.keys().cloned().collect();
         l.sort();
         l
-    });
-    for label in labels {
-        assert_eq!(
-            shown.rows[label].0, now.rows[label].0,
-            "bare column, row {label:?}: README\n{}\nnow\n{}",
-            shown.text, now.text
-        );
+    };
+    if sorted(shown) != sorted(now) {
+        found.push(format!(
+            "the rows: README {:?}, now {:?}",
+            sorted(shown),
+            sorted(now)
+        ));
+        return found;
+    }
+    for label in sorted(now) {
+        if shown.rows[&label].0 != now.rows[&label].0 {
+            found.push(format!(
+                "bare column, row {label:?}: README {}, now {}",
+                shown.rows[&label].0, now.rows[&label].0
+            ));
+        }
     }
     for label in [
         "messages to send",
@@ -231,10 +257,12 @@ fn the_readme_shows_what_the_demo_prints() {
         "lost messages",
         "proxy answers: error",
     ] {
-        assert_eq!(
-            shown.rows[label].1, now.rows[label].1,
-            "proxied column, row {label:?}: README\n{}\nnow\n{}",
-            shown.text, now.text
-        );
+        if shown.rows[label].1 != now.rows[label].1 {
+            found.push(format!(
+                "proxied column, row {label:?}: README {}, now {}",
+                shown.rows[label].1, now.rows[label].1
+            ));
+        }
     }
+    found
 }
