@@ -3,18 +3,21 @@
 //! then 500, hang, accept then hang, reset, accept then reset, delays). Each bot gives up
 //! on a try after its own timeout and resends the same request until it gets a 2xx.
 //! Halfway, the proxy is stopped and a new one (empty store, new port) takes over.
+//! In the Redis variant two replicas share one redis-server instead, a resend goes to
+//! the other replica than the try before, and halfway Redis is stopped and started again
+//! (empty, on the same port) while the bots go on sending.
 //!
 //! At the end every logical send is matched with what LINE delivered: more than one
 //! delivery is a duplicate, a 2xx with none a phantom, no 2xx at all a loss, and a 2xx
 //! that does not carry the delivered message's ids a mismatch. Any of them fails.
 //!
-//! `cargo test --test chaos -- --nocapture` runs the short soak (also in CI) and prints
-//! its summary line; `cargo test --release --test chaos -- --ignored --nocapture` the
-//! long one. `LRP_CHAOS_SEED=<n>` repeats a run's fault draws.
+//! `cargo test --test chaos -- --nocapture` runs the short soaks (also in CI) and prints
+//! their summary lines; `cargo test --release --test chaos -- --ignored --nocapture` the
+//! long ones. `LRP_CHAOS_SEED=<n>` repeats a run's fault draws.
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +31,8 @@ use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
 use support::mock_line::{Chaos, Delivery, MockLine};
 use support::proxy::{Proxy, Reply, STOP_LIMIT};
-use support::within;
+use support::redis::RedisServer;
+use support::{eventually, within};
 use tokio::sync::watch;
 
 const TOKENS: [&str; 3] = [
@@ -63,10 +67,43 @@ const BOT_TRIES: u32 = 60;
 struct Plan {
     sends: usize,
     bots: usize,
-    /// Proxy restarts, spread evenly over the run.
-    restarts: usize,
+    setup: Setup,
     /// The whole run, faults and restarts included, must end within this.
     limit: Duration,
+}
+
+/// What serves the bots, and what is restarted under them (spread evenly over the run).
+#[derive(Clone, Copy)]
+enum Setup {
+    /// One proxy on the memory store, stopped and replaced this many times by a new
+    /// one (empty store, new port).
+    ProxyRestarts(usize),
+    /// Replicas sharing one redis-server, which is stopped and started again (empty,
+    /// same port) this many times while they go on serving. A bot's first try goes to
+    /// a random replica, each resend to the next one.
+    Redis { replicas: usize, restarts: usize },
+}
+
+impl Setup {
+    fn restarts(self) -> usize {
+        match self {
+            Setup::ProxyRestarts(n) | Setup::Redis { restarts: n, .. } => n,
+        }
+    }
+}
+
+impl std::fmt::Display for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setup::ProxyRestarts(n) => write!(f, "store=memory proxy_restarts={n}"),
+            Setup::Redis { replicas, restarts } => {
+                write!(
+                    f,
+                    "store=redis replicas={replicas} redis_restarts={restarts}"
+                )
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +111,7 @@ async fn chaos_soak_short() {
     soak(Plan {
         sends: 300,
         bots: 16,
-        restarts: 1,
+        setup: Setup::ProxyRestarts(1),
         limit: Duration::from_secs(90),
     })
     .await;
@@ -86,7 +123,42 @@ async fn chaos_soak_long() {
     soak(Plan {
         sends: 5000,
         bots: 48,
-        restarts: 3,
+        setup: Setup::ProxyRestarts(3),
+        limit: Duration::from_secs(900),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_two_replicas_on_redis() {
+    if !support::redis::available("chaos_soak_two_replicas_on_redis") {
+        return;
+    }
+    soak(Plan {
+        sends: 1000,
+        bots: 16,
+        setup: Setup::Redis {
+            replicas: 2,
+            restarts: 1,
+        },
+        limit: Duration::from_secs(90),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the long soak: cargo test --release --test chaos -- --ignored --nocapture"]
+async fn chaos_soak_two_replicas_on_redis_long() {
+    if !support::redis::available("chaos_soak_two_replicas_on_redis_long") {
+        return;
+    }
+    soak(Plan {
+        sends: 5000,
+        bots: 48,
+        setup: Setup::Redis {
+            replicas: 2,
+            restarts: 3,
+        },
         limit: Duration::from_secs(900),
     })
     .await;
@@ -142,15 +214,18 @@ struct Told {
     server_errors: u32,
     /// The 5xx answers by status and the proxy's reason (or `line` for LINE's own).
     server_error_kinds: BTreeMap<String, u32>,
+    /// The 2xx came from a proxy this send had not tried before: a replay or a
+    /// coalesced answer then is another replica's work.
+    fresh_replica: bool,
     latency: Duration,
 }
 
-/// How the bots find the proxy of the moment, and how far the run has got.
+/// How the bots find the proxies of the moment, and how far the run has got.
 struct Shared {
     sends: Vec<Send>,
     next: AtomicUsize,
     done: watch::Sender<usize>,
-    proxy: watch::Receiver<SocketAddr>,
+    proxies: watch::Receiver<Vec<SocketAddr>>,
     told: Mutex<Vec<Option<Told>>>,
 }
 
@@ -182,10 +257,13 @@ async fn try_once(
 
 /// A bot: takes the next logical send, tries until a 2xx (or its tries run out),
 /// resending the very same request after a timeout, a 5xx or a broken connection.
+/// The first try goes to one of the proxies of the moment at random, each resend to the
+/// next one, as a load balancer that retries elsewhere does: with replicas, a resend
+/// lands on another one than the try before.
 async fn bot(shared: Arc<Shared>, seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let client = bot_client();
-    let mut proxy = shared.proxy.clone();
+    let mut proxies = shared.proxies.clone();
     loop {
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
         let Some(send) = shared.sends.get(i) else {
@@ -193,12 +271,19 @@ async fn bot(shared: Arc<Shared>, seed: u64) {
         };
         let started = Instant::now();
         let mut told = Told::default();
+        let mut tried = HashSet::new();
+        let first = rng.usize(..);
         while told.tries < BOT_TRIES {
+            let addr = {
+                let addrs = proxies.borrow_and_update();
+                addrs[first.wrapping_add(told.tries as usize) % addrs.len()]
+            };
             told.tries += 1;
-            let addr = *proxy.borrow_and_update();
+            let fresh_replica = tried.insert(addr);
             match tokio::time::timeout(BOT_TIMEOUT, try_once(&client, addr, send)).await {
                 Ok(Ok(reply)) if reply.status.is_success() => {
                     told.answer = Some(reply);
+                    told.fresh_replica = fresh_replica;
                     break;
                 }
                 Ok(Ok(reply)) if reply.status.is_server_error() => {
@@ -218,7 +303,8 @@ async fn bot(shared: Arc<Shared>, seed: u64) {
                 Ok(Err(_)) => {
                     told.connection_errors += 1;
                     // The proxy may be restarting: wait a little for the next one.
-                    let _ = tokio::time::timeout(Duration::from_millis(300), proxy.changed()).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(300), proxies.changed()).await;
                 }
                 Err(_) => told.timeouts += 1,
             }
@@ -241,6 +327,8 @@ struct Tally {
     mismatched: Vec<String>,
     strays: usize,
     outcomes: BTreeMap<String, usize>,
+    /// Replays and coalesced answers from a proxy the send had not tried before.
+    across: BTreeMap<String, usize>,
     tries: u64,
     timeouts: u64,
     connection_errors: u64,
@@ -304,6 +392,9 @@ fn tally(sends: &[Send], told: Vec<Option<Told>>, deliveries: Vec<Delivery>) -> 
         t.latencies.push(told.latency);
         let outcome = answer.outcome_or_none().unwrap_or("none").to_owned();
         *t.outcomes.entry(outcome.clone()).or_default() += 1;
+        if told.fresh_replica && matches!(outcome.as_str(), "replayed" | "coalesced") {
+            *t.across.entry(outcome.clone()).or_default() += 1;
+        }
         let Some(delivery) = delivered.first() else {
             t.phantoms.push(format!(
                 "{what}: the bot got {outcome} {} but LINE delivered nothing",
@@ -369,17 +460,35 @@ async fn soak(plan: Plan) {
     let seed = seed();
     let started = Instant::now();
     let run = run(&plan, seed);
-    let what = format!("the chaos soak (seed {seed}) finished");
-    let (tally, faults, refusals) = within(plan.limit, &what, run).await;
+    let what = format!("the chaos soak (seed {seed}, {}) finished", plan.setup);
+    let Ran {
+        tally,
+        faults,
+        refused,
+        store_errors,
+        outages,
+    } = within(plan.limit, &what, run).await;
     let elapsed = started.elapsed();
 
     let mut latencies = tally.latencies.clone();
     latencies.sort();
     let faults_total: usize = faults.values().sum();
+    let store = match plan.setup {
+        Setup::ProxyRestarts(_) => String::new(),
+        Setup::Redis { .. } => {
+            let down: Vec<_> = outages.iter().map(|o| o.down).collect();
+            let back: Vec<_> = outages.iter().map(|o| o.back_after).collect();
+            format!(
+                " store_errors={store_errors} redis_down={down:.1?} store_back_after={back:.1?} \
+                 across_replicas={:?}",
+                tally.across
+            )
+        }
+    };
     println!(
         "chaos: seed={seed} sends={} deliveries={} duplicates={} losses={} phantoms={} mismatched={} strays={} \
          p50={:?} p99={:?} max={:?} tries={} bot_timeouts={} bot_5xx={} {:?} bot_broken={} unconfirmed={} \
-         outcomes={:?} faults={faults:?} budget_refusals={refusals} restarts={} elapsed={elapsed:.1?}",
+         outcomes={:?} faults={faults:?} budget_refusals={refused} {}{store} elapsed={elapsed:.1?}",
         plan.sends,
         tally.deliveries,
         tally.duplicates.len(),
@@ -397,7 +506,7 @@ async fn soak(plan: Plan) {
         tally.connection_errors,
         tally.unconfirmed,
         tally.outcomes,
-        plan.restarts,
+        plan.setup,
     );
 
     let show = |list: &[String]| {
@@ -450,13 +559,168 @@ async fn soak(plan: Plan) {
             > 0,
         "seed {seed}: no lost answer was ever resolved from LINE's 409"
     );
+    if let Setup::Redis { .. } = plan.setup {
+        assert!(
+            store_errors > 0.0,
+            "seed {seed}: no send ever went without the store while Redis was down"
+        );
+        assert!(
+            tally.across.values().sum::<usize>() > 0,
+            "seed {seed}: no replica ever answered from another one's work"
+        );
+    }
 }
 
-/// Runs the bots against the proxy (restarting it as planned) and returns the tally,
-/// the faults the mock applied, and the retries the proxies' budget refused (counted
-/// up to each proxy's stop).
-async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>, f64) {
-    const REFUSED: &str = "line_retry_proxy_retry_budget_exhausted_total";
+/// What a run leaves to judge.
+struct Ran {
+    tally: Tally,
+    /// The faults the mock applied, by kind.
+    faults: BTreeMap<&'static str, usize>,
+    /// Retries the proxies' budget refused, and store operations that failed (each
+    /// counted from a proxy's metrics just before it stopped).
+    refused: f64,
+    store_errors: f64,
+    outages: Vec<Outage>,
+}
+
+/// One Redis restart, as the run saw it.
+#[derive(Clone, Copy)]
+struct Outage {
+    /// From the stop to the start again.
+    down: Duration,
+    /// From the start again until every replica used Redis again.
+    back_after: Duration,
+}
+
+/// The proxies serving the bots, and the Redis they share if the setup has one.
+struct Fleet {
+    args: Vec<String>,
+    proxies: Vec<Proxy>,
+    redis: Option<RedisServer>,
+    refused: f64,
+    store_errors: f64,
+    outages: Vec<Outage>,
+}
+
+impl Fleet {
+    async fn start(setup: Setup, mock: &MockLine) -> Fleet {
+        let mut args: Vec<String> = PROXY_ARGS.iter().map(|a| a.to_string()).collect();
+        let (redis, replicas) = match setup {
+            Setup::ProxyRestarts(_) => (None, 1),
+            Setup::Redis { replicas, .. } => {
+                let redis = RedisServer::start().await;
+                args.push(format!("--store={}", redis.url(0)));
+                (Some(redis), replicas)
+            }
+        };
+        let mut fleet = Fleet {
+            args,
+            proxies: Vec::new(),
+            redis,
+            refused: 0.0,
+            store_errors: 0.0,
+            outages: Vec::new(),
+        };
+        for _ in 0..replicas {
+            let proxy = fleet.start_proxy(mock).await;
+            fleet.proxies.push(proxy);
+        }
+        if fleet.redis.is_some() {
+            // The store connects in the background: the run starts with it in use.
+            fleet.until_store_up(true, "connected to Redis").await;
+        }
+        fleet
+    }
+
+    async fn start_proxy(&self, mock: &MockLine) -> Proxy {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Proxy::start(mock, &args).await
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.proxies.iter().map(|p| p.addr).collect()
+    }
+
+    /// Waits until every proxy's `/metrics` says the store is up (or down).
+    async fn until_store_up(&self, up: bool, what: &str) {
+        let want = if up { 1.0 } else { 0.0 };
+        for (i, proxy) in self.proxies.iter().enumerate() {
+            let what = format!("replica {i} {what}");
+            eventually(Duration::from_secs(10), &what, || async {
+                (proxy.metric("line_retry_proxy_store_up").await == want).then_some(())
+            })
+            .await;
+        }
+    }
+
+    /// Stops one proxy and waits for its drain; its counts are read first, as its
+    /// admin port goes with it.
+    async fn stop(&mut self, proxy: &mut Proxy, what: &str) {
+        self.refused += proxy.metric(REFUSED).await;
+        self.store_errors += proxy.metric(STORE_ERRORS).await;
+        let stopping = proxy.begin_stop();
+        let drained = within(STOP_LIMIT, what, stopping);
+        assert!(drained.await.unwrap(), "{what}");
+    }
+
+    /// One restart of the setup's kind, while the bots go on sending; with Redis, it
+    /// stays down until `outage` more sends have completed without it.
+    async fn restart(
+        &mut self,
+        mock: &MockLine,
+        progress: &mut watch::Receiver<usize>,
+        outage: usize,
+    ) {
+        let Some(mut redis) = self.redis.take() else {
+            // The old proxy drains and goes, a new one with an empty store starts on
+            // another port, and the bots follow.
+            let mut old = self.proxies.pop().expect("one proxy");
+            self.stop(&mut old, "the proxy drained before its restart")
+                .await;
+            let new = self.start_proxy(mock).await;
+            self.proxies.push(new);
+            return;
+        };
+        let stopped = Instant::now();
+        redis.stop().await;
+        self.until_store_up(false, "saw Redis go down").await;
+        // Sends go on without the store, under derived keys: LINE refuses duplicates.
+        let resume = *progress.borrow() + outage;
+        let what = format!("{outage} more sends completed while Redis was down");
+        let completed = within(
+            Duration::from_secs(60),
+            &what,
+            progress.wait_for(|n| *n >= resume),
+        );
+        completed.await.expect("the run holds the sender");
+        redis.restart().await;
+        let started = Instant::now();
+        let down = stopped.elapsed();
+        self.redis = Some(redis);
+        self.until_store_up(true, "found Redis serving again").await;
+        self.outages.push(Outage {
+            down,
+            back_after: started.elapsed(),
+        });
+    }
+
+    /// Lets every proxy finish whatever the bots left running, so LINE's record is final.
+    async fn finish(mut self) -> (f64, f64, Vec<Outage>) {
+        let mut proxies = std::mem::take(&mut self.proxies);
+        for (i, proxy) in proxies.iter_mut().enumerate() {
+            self.stop(proxy, &format!("proxy {i} drained at the end"))
+                .await;
+        }
+        (self.refused, self.store_errors, self.outages)
+    }
+}
+
+const REFUSED: &str = "line_retry_proxy_retry_budget_exhausted_total";
+const STORE_ERRORS: &str = "line_retry_proxy_store_errors_total";
+
+/// Runs the bots against the proxies (restarting the proxy or Redis as planned) and
+/// returns what the run left to judge.
+async fn run(plan: &Plan, seed: u64) -> Ran {
     let mock = MockLine::start().await;
     mock.chaos(Chaos {
         seed,
@@ -469,56 +733,45 @@ async fn run(plan: &Plan, seed: u64) -> (Tally, BTreeMap<&'static str, usize>, f
         delay: 0.15,
         max_delay: Duration::from_millis(400),
     });
-    let mut proxy = Proxy::start(&mock, &PROXY_ARGS).await;
-    let mut refused = 0.0;
-    let (to_bots, proxy_addr) = watch::channel(proxy.addr);
+    let mut fleet = Fleet::start(plan.setup, &mock).await;
+    let (to_bots, proxies) = watch::channel(fleet.addrs());
     let (done, mut progress) = watch::channel(0usize);
     let shared = Arc::new(Shared {
         sends: plan_sends(seed, plan.sends),
         next: AtomicUsize::new(0),
         done,
-        proxy: proxy_addr,
+        proxies,
         told: Mutex::new((0..plan.sends).map(|_| None).collect()),
     });
     let bots: Vec<_> = (0..plan.bots)
         .map(|b| tokio::spawn(bot(shared.clone(), seed.wrapping_add(b as u64 + 1))))
         .collect();
 
-    for restart in 1..=plan.restarts {
-        let at = plan.sends * restart / (plan.restarts + 1);
+    let restarts = plan.setup.restarts();
+    for restart in 1..=restarts {
+        let at = plan.sends * restart / (restarts + 1);
         progress
             .wait_for(|n| *n >= at)
             .await
             .expect("the run holds the sender");
-        // A restart: the old proxy drains and goes, a new one with an empty store
-        // starts on another port, and the bots follow.
-        // (The admin port goes with the proxy: its count is read first.)
-        refused += proxy.metric(REFUSED).await;
-        let stopping = proxy.begin_stop();
-        let drained = within(STOP_LIMIT, "the proxy drained before its restart", stopping);
-        assert!(
-            drained.await.unwrap(),
-            "the proxy drained before its restart"
-        );
-        proxy = Proxy::start(&mock, &PROXY_ARGS).await;
-        to_bots.send_replace(proxy.addr);
+        // With Redis, a tenth of the sends complete while it is down.
+        fleet.restart(&mock, &mut progress, plan.sends / 10).await;
+        to_bots.send_replace(fleet.addrs());
     }
     for bot in bots {
         bot.await.expect("a bot did not panic");
     }
-    // Let the last proxy finish whatever the bots left running, so LINE's record is final.
-    refused += proxy.metric(REFUSED).await;
-    let stopping = proxy.begin_stop();
-    let drained = within(STOP_LIMIT, "the last proxy drained", stopping);
-    assert!(drained.await.unwrap(), "the last proxy drained");
+    let (refused, store_errors, outages) = fleet.finish().await;
     mock.calm();
 
     let told = std::mem::take(&mut *shared.told.lock().unwrap());
-    (
-        tally(&shared.sends, told, mock.deliveries()),
-        mock.faults_applied(),
+    Ran {
+        tally: tally(&shared.sends, told, mock.deliveries()),
+        faults: mock.faults_applied(),
         refused,
-    )
+        store_errors,
+        outages,
+    }
 }
 
 /// The tally is what makes the soak fail: it must see each kind of failure.
