@@ -225,6 +225,8 @@ fn check_config(args: &ServeArgs) -> ExitCode {
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    // The lines logged before it, then the reason.
+    telemetry::flush();
     eprintln!("line-retry-proxy: {message}");
     ExitCode::from(code)
 }
@@ -234,7 +236,8 @@ fn serve(args: ServeArgs, auth_on_command_line: bool, egress_on_command_line: bo
         Ok(config) => config,
         Err(err) => return fail(EX_USAGE, err),
     };
-    telemetry::init(config.log_format);
+    // Held to the end: the log's last lines are written when it drops.
+    let _log = telemetry::init(config.log_format);
     if egress_on_command_line {
         tracing::warn!("--upstream-proxy with a password on the command line is visible to every user of this machine (ps, /proc); set LINE_RETRY_PROXY_UPSTREAM_PROXY or upstream-proxy in the config file instead");
     }

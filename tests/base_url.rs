@@ -366,6 +366,41 @@ async fn a_bot_that_gives_up_does_not_cancel_the_send() {
     assert_eq!(mock.delivered_count(), 1);
 }
 
+/// A bot whose connection closes while its push is at LINE: the proxy's handler is
+/// dropped with it, the send goes on by itself and its answer is kept, so the resend
+/// is replayed from the store (a cancelled send would be sent again: conflict-resolved).
+#[tokio::test]
+async fn a_bot_that_hangs_up_leaves_the_send_running_to_its_answer() {
+    use tokio::io::AsyncWriteExt;
+    let mock = MockLine::start().await;
+    let proxy = Proxy::start(&mock, &[]).await;
+    let hold = mock.hold();
+    let body = push_body("hung up");
+    let head = format!(
+        "POST {PUSH} HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut bot = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    bot.write_all(format!("{head}{body}").as_bytes())
+        .await
+        .unwrap();
+    within(ANSWER_LIMIT, "the push reaches LINE", mock.wait_held(1)).await;
+    drop(bot);
+    proxy
+        .wait_metric("line_retry_proxy_connections_open", |n| n == 0.0)
+        .await;
+    hold.release();
+    proxy
+        .wait_metric("line_retry_proxy_in_flight_requests", |n| n == 0.0)
+        .await;
+    let resend = push(&proxy, &body).await;
+    assert_eq!(resend.status, StatusCode::OK);
+    assert_eq!(resend.outcome(), "replayed");
+    assert_eq!(mock.requests().len(), 1);
+    assert_eq!(mock.delivered_count(), 1);
+}
+
 #[tokio::test]
 async fn a_bots_own_key_is_kept_and_its_409_passed_through() {
     let mock = MockLine::start().await;

@@ -67,9 +67,9 @@ pub enum DemoError {
 /// run delivered every message exactly once.
 pub fn main(args: &DemoArgs) -> ExitCode {
     // The proxy's own log lines would bury the table: shown only when asked for.
-    if std::env::var_os("RUST_LOG").is_some() {
-        crate::telemetry::init(LogFormat::Text);
-    }
+    let _log = std::env::var_os("RUST_LOG")
+        .is_some()
+        .then(|| crate::telemetry::init(LogFormat::Text));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

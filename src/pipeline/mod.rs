@@ -25,23 +25,27 @@ pub mod respond;
 pub mod send;
 pub mod settle;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{BoxError, BoxFuture, ProxyBody};
 use crate::config::{EndpointPolicy, Policy};
 use crate::domain::{Answer, Endpoint, Outcome, RetryKey, RETRY_KEY_HEADER};
 use crate::error::ProxyError;
 use crate::metrics::{InFlight, Metrics};
 use crate::retry::RetryBudget;
 use crate::store::{Claim, ClaimRequest, Store, Ticket};
+use crate::telemetry;
 use crate::upstream::Upstream;
 use classify::Route;
 
@@ -143,15 +147,21 @@ impl Pipeline {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let route = classify::classify(&method, &path);
-        // Every line logged on behalf of this request (retrying, giving up, budget
-        // exhausted) carries the request's endpoint and key.
-        let span = tracing::info_span!(
-            "request",
-            %method,
-            path,
-            endpoint = tracing::field::Empty,
-            key = tracing::field::Empty,
-        );
+        // With debug logging on, every line logged on behalf of this request carries
+        // its method, path, endpoint and key. Without it, a span per request is most of
+        // the cost of logging (bench/README.md), and the few lines logged at info and
+        // above (giving up, budget exhausted) name their request themselves.
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::info_span!(
+                "request",
+                %method,
+                path,
+                endpoint = tracing::field::Empty,
+                key = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
 
         let exchange = match route {
             Route::Keyed(endpoint) => {
@@ -172,18 +182,17 @@ impl Pipeline {
         };
 
         self.metrics.request(exchange.endpoint, exchange.outcome);
-        tracing::info!(
-            target: "line_retry_proxy::access",
-            %method,
-            path,
-            endpoint = exchange.endpoint.map_or("other", Endpoint::name),
-            key = exchange.key.as_ref().map(tracing::field::display),
-            outcome = exchange.outcome.label(),
-            attempts = exchange.attempts,
-            status = exchange.response.status().as_u16(),
-            upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
-            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
-        );
+        telemetry::access(&telemetry::Access {
+            method: &method,
+            path: &path,
+            endpoint: exchange.endpoint.map_or("other", Endpoint::name),
+            key: exchange.key.as_ref(),
+            outcome: exchange.outcome.label(),
+            attempts: exchange.attempts,
+            status: exchange.response.status().as_u16(),
+            upstream_status: exchange.upstream_status.map(|s| s.as_u16()),
+            latency: started.elapsed(),
+        });
         exchange.response
     }
 
@@ -280,9 +289,11 @@ impl Pipeline {
             .await
     }
 
-    /// Phases 6–7 in a task of their own: a bot that disconnects does not cancel the
-    /// upstream work, so its resend finds the result. The task holds the request's place
-    /// in the in-flight gauge and its body's share of `buffer-limit` until it ends.
+    /// Phases 6–7. The upstream work runs in the request's own task while the bot
+    /// waits for it (no hand-off to another task and back), and moves into a task of
+    /// its own the moment the bot goes away: a disconnect never cancels it, so the
+    /// bot's resend finds the result. It holds the request's place in the in-flight
+    /// gauge and its body's share of `buffer-limit` until it ends.
     #[allow(clippy::too_many_arguments)]
     async fn own(
         self: &Arc<Self>,
@@ -300,38 +311,85 @@ impl Pipeline {
         } else {
             self.metrics.client_key(endpoint);
         }
-        let (tx, rx) = oneshot::channel();
         let pipeline = self.clone();
-        // Boxed to a plain `'static` future at once: left to `spawn`'s generic bound,
-        // the compiler loses the body error's lifetime in the `Send` check.
-        let work: crate::body::BoxFuture<'static, ()> = Box::pin(async move {
-            let _held = held;
-            let sender = send::Sender {
-                upstream: pipeline.upstream.as_ref(),
-                policy: &settings.policy.retry,
-                retry: policy.retry,
-                budget: &settings.budget,
-                metrics: &pipeline.metrics,
-                endpoint,
-            };
-            let sent = sender.send(&out).await;
-            let settled = settle::settle(endpoint, key, sent);
-            if let Some(ticket) = ticket {
-                if let Err(err) = ticket.settle(settled.answer.clone(), settled.keep).await {
-                    pipeline.metrics.store_error();
-                    tracing::debug!(error = %err, "could not store the answer");
+        // Boxed to a plain `'static` future at once: left to a generic bound, the
+        // compiler loses the body error's lifetime in the `Send` check.
+        let work: BoxFuture<'static, Arc<Answer>> = Box::pin(
+            async move {
+                let _held = held;
+                let sender = send::Sender {
+                    upstream: pipeline.upstream.as_ref(),
+                    policy: &settings.policy.retry,
+                    retry: policy.retry,
+                    budget: &settings.budget,
+                    metrics: &pipeline.metrics,
+                    endpoint,
+                    key: &key,
+                };
+                let sent = sender.send(&out).await;
+                let settled = settle::settle(endpoint, key, sent);
+                if let Some(ticket) = ticket {
+                    if let Err(err) = ticket.settle(settled.answer.clone(), settled.keep).await {
+                        pipeline.metrics.store_error();
+                        tracing::debug!(error = %err, "could not store the answer");
+                    }
                 }
+                settled.answer
             }
-            // The bot may be gone; its resend will find the stored answer.
-            let _ = tx.send(settled.answer);
-        });
-        self.tasks.spawn(work.instrument(tracing::Span::current()));
-        match rx.await {
-            Ok(answer) => Exchange::answered(endpoint, &answer, answer.outcome),
-            Err(_) => Exchange::failed(
-                Some(endpoint),
-                &ProxyError::Internal("the upstream task ended without an answer"),
-            ),
+            .instrument(tracing::Span::current()),
+        );
+        let answer = Detachable::new(work, &self.tasks).await;
+        Exchange::answered(endpoint, &answer, answer.outcome)
+    }
+}
+
+/// Work that runs in the task awaiting it, and, should that task drop it unfinished
+/// (the bot hung up), goes on in a tracked task of its own. Until then its tracker
+/// token counts it as a task, so shutdown waits for it either way.
+struct Detachable<T: Send + 'static> {
+    work: Option<BoxFuture<'static, T>>,
+    tasks: TaskTracker,
+    _counted: TaskTrackerToken,
+}
+
+impl<T: Send + 'static> Detachable<T> {
+    fn new(work: BoxFuture<'static, T>, tasks: &TaskTracker) -> Self {
+        Detachable {
+            work: Some(work),
+            tasks: tasks.clone(),
+            _counted: tasks.token(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for Detachable<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(work) = self.work.as_mut() else {
+            // Polled again after it finished: nothing more will come.
+            return Poll::Pending;
+        };
+        let done = std::task::ready!(work.as_mut().poll(cx));
+        self.work = None;
+        Poll::Ready(done)
+    }
+}
+
+impl<T: Send + 'static> Drop for Detachable<T> {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else {
+            return;
+        };
+        // Dropped outside a runtime only when the runtime itself is going away, and
+        // the work with it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tasks.spawn_on(
+                async move {
+                    let _ = work.await;
+                },
+                &runtime,
+            );
         }
     }
 }

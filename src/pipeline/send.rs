@@ -15,7 +15,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::body::{full, ProxyBody};
 use crate::config::RetryPolicy;
-use crate::domain::{AttemptFailure, Endpoint};
+use crate::domain::{AttemptFailure, Endpoint, RetryKey};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::retry::{ExponentialBackoff, RetryBudget};
@@ -53,6 +53,8 @@ pub struct Sender<'a> {
     pub budget: &'a RetryBudget,
     pub metrics: &'a Metrics,
     pub endpoint: Endpoint,
+    /// Named by the lines logged when the proxy gives up, so they say which send.
+    pub key: &'a RetryKey,
 }
 
 impl Sender<'_> {
@@ -106,6 +108,7 @@ impl Sender<'_> {
             if !fits {
                 tracing::warn!(
                     endpoint = self.endpoint.name(),
+                    key = %self.key,
                     attempts = attempt,
                     reason = failure.label(),
                     "giving up on the upstream (RUST_LOG=line_retry_proxy=debug shows each attempt's cause)"
@@ -115,6 +118,8 @@ impl Sender<'_> {
             if !self.budget.try_withdraw() {
                 self.metrics.retry_budget_exhausted();
                 tracing::warn!(
+                    endpoint = self.endpoint.name(),
+                    key = %self.key,
                     attempt,
                     reason = failure.label(),
                     "retry budget exhausted, not retrying"

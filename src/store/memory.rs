@@ -1,15 +1,22 @@
-//! The embedded store, for one process (a sidecar):
-//! - claims of requests in flight, in a sharded map of their own: never evicted while
-//!   their owner lives, so coalescing holds however full the store is;
-//! - settled answers, in a moka cache bounded by bytes, each expiring when the window
-//!   has passed since its send was first seen;
-//! - first sightings for short windows, in a second small moka cache, kept for the
-//!   whole window whatever became of the send.
+//! The embedded store, for one process (a sidecar). Fingerprints are spread over
+//! [`SHARDS`] shards, each one lock over:
+//! - claims of requests in flight: never evicted while their owner lives, so
+//!   coalescing holds however full the store is;
+//! - settled answers, each a compact [`record`] (status, the few headers kept, key,
+//!   body, first sighting), bounded by bytes and evicted oldest first;
+//! - and, beside the shards, first sightings for short windows, in a small moka cache,
+//!   kept for the whole window whatever became of the send.
+//!
+//! Every answer of an endpoint is kept for the same window, so the oldest answer is
+//! the first to expire and the least likely to be asked for again: a queue in
+//! insertion order serves both expiry and eviction, with no timer wheel and no
+//! frequency sketch. An answer is weighed at what it costs (its record, its slots in
+//! the map and the queue, the allocator's share), so `store-max-bytes` bounds memory.
 //!
 //! Nothing here survives a restart: after one, a resend is sent again under the same
 //! derived key (24 h window) and LINE's 409 is turned into the original success.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,24 +24,134 @@ use std::time::{Duration, Instant, SystemTime};
 use moka::sync::Cache;
 use tokio::sync::watch;
 
+use super::record;
 use super::{Claim, ClaimRequest, Store, StoreError, Ticket};
 use crate::body::BoxFuture;
 use crate::domain::{Answer, BuildFingerprintHasher, Fingerprint, StoreStats, LINE_KEY_LIFETIME};
 
-/// Claims are spread over this many locks, so identical sends meet and different
-/// ones rarely do.
+/// Fingerprints are spread over this many locks, so identical sends meet and
+/// different ones rarely do.
 const SHARDS: usize = 64;
-/// Bookkeeping per kept answer beyond what it weighs itself (moka's entry, the Arc).
-const ENTRY_OVERHEAD: usize = 64;
+/// What one kept answer costs beyond its record: its slot in the map and in the
+/// queue, each table at its average fill (hashbrown and `VecDeque` grow by doubling),
+/// and the allocator's header on the record.
+const ENTRY_OVERHEAD: usize = {
+    let map_slot = std::mem::size_of::<(Fingerprint, Kept)>() + 1;
+    let queue_slot = std::mem::size_of::<Queued>();
+    // Tables run between half and seven eighths full: about two thirds on average.
+    (map_slot + queue_slot) * 3 / 2 + 16
+};
 /// What one sighting weighs: key, time, moka's entry.
 const SIGHTING_WEIGHT: u32 = 96;
 
-#[derive(Clone)]
+/// A kept answer.
 struct Kept {
-    answer: Arc<Answer>,
-    first_seen: SystemTime,
-    /// Until the window has passed since the first sighting, counted from the insert.
-    ttl: Duration,
+    /// The answer and its first sighting, as [`record::encode`] writes them.
+    record: Box<[u8]>,
+    /// Wall-clock milliseconds after which it is gone: its first sighting plus the
+    /// window in force when it was kept.
+    expires_ms: u64,
+    /// Tells this answer from an older one of the same fingerprint in the queue.
+    seq: u32,
+}
+
+/// An answer's place in its shard's queue, oldest first.
+struct Queued {
+    fp: Fingerprint,
+    seq: u32,
+}
+
+struct InFlight {
+    /// Tells this owner's claim from a later one on the same fingerprint.
+    owner: u64,
+    /// Made when the first identical request comes to wait: most sends have none.
+    waiters: Option<watch::Sender<Option<Arc<Answer>>>>,
+    lapses: Instant,
+}
+
+#[derive(Default)]
+struct Shard {
+    claims: HashMap<Fingerprint, InFlight, BuildFingerprintHasher>,
+    answers: HashMap<Fingerprint, Kept, BuildFingerprintHasher>,
+    queue: VecDeque<Queued>,
+    /// What `answers` weighs.
+    bytes: usize,
+    next_seq: u32,
+}
+
+impl Shard {
+    /// The answer kept for `fp`, if one is inside the window of `req`.
+    fn answer(&mut self, req: &ClaimRequest) -> Option<Arc<Answer>> {
+        let kept = self.answers.get(&req.fp)?;
+        let decoded = record::decode(&kept.record).filter(|(first_seen, _)| {
+            record::millis(req.now) < kept.expires_ms && req.within_window(*first_seen)
+        });
+        match decoded {
+            Some((_, answer)) => Some(Arc::new(answer)),
+            None => {
+                // Expired, kept under a longer window than the one in force now, or
+                // (never written so) unreadable: gone either way.
+                self.remove(&req.fp);
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, fp: &Fingerprint) {
+        if let Some(kept) = self.answers.remove(fp) {
+            self.bytes -= weight(&kept);
+        }
+    }
+
+    fn keep(
+        &mut self,
+        fp: Fingerprint,
+        record: Box<[u8]>,
+        expires_ms: u64,
+        now_ms: u64,
+        bound: usize,
+    ) {
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let kept = Kept {
+            record,
+            expires_ms,
+            seq: self.next_seq,
+        };
+        self.bytes += weight(&kept);
+        self.queue.push_back(Queued { fp, seq: kept.seq });
+        if let Some(old) = self.answers.insert(fp, kept) {
+            self.bytes -= weight(&old);
+        }
+        self.trim(now_ms, bound);
+    }
+
+    /// Drops answers from the old end while they have expired or the shard is over
+    /// its bound. Queue entries of answers already replaced or removed are skipped.
+    fn trim(&mut self, now_ms: u64, bound: usize) {
+        while let Some(front) = self.queue.front() {
+            let current = self
+                .answers
+                .get(&front.fp)
+                .filter(|kept| kept.seq == front.seq);
+            match current {
+                Some(kept) if kept.expires_ms > now_ms && self.bytes <= bound => break,
+                Some(_) => {
+                    let fp = front.fp;
+                    self.remove(&fp);
+                }
+                None => {}
+            }
+            self.queue.pop_front();
+        }
+        // A burst long gone must not pin its queue's memory.
+        if self.queue.capacity() > 64 && self.queue.len() < self.queue.capacity() / 4 {
+            self.queue.shrink_to(self.queue.len() * 2);
+        }
+    }
+}
+
+fn weight(kept: &Kept) -> usize {
+    kept.record.len() + ENTRY_OVERHEAD
 }
 
 #[derive(Clone, Copy)]
@@ -43,32 +160,7 @@ struct Sighting {
     ttl: Duration,
 }
 
-struct InFlight {
-    /// Tells this owner's claim from a later one on the same fingerprint.
-    owner: u64,
-    answer: watch::Receiver<Option<Arc<Answer>>>,
-    lapses: Instant,
-}
-
-type Shard = Mutex<HashMap<Fingerprint, InFlight, BuildFingerprintHasher>>;
-
 struct PerEntryTtl;
-
-impl moka::Expiry<Fingerprint, Kept> for PerEntryTtl {
-    fn expire_after_create(&self, _: &Fingerprint, kept: &Kept, _: Instant) -> Option<Duration> {
-        Some(kept.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Fingerprint,
-        kept: &Kept,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(kept.ttl)
-    }
-}
 
 impl moka::Expiry<Fingerprint, Sighting> for PerEntryTtl {
     fn expire_after_create(&self, _: &Fingerprint, s: &Sighting, _: Instant) -> Option<Duration> {
@@ -77,9 +169,10 @@ impl moka::Expiry<Fingerprint, Sighting> for PerEntryTtl {
 }
 
 pub struct MemoryStore {
-    answers: Cache<Fingerprint, Kept, BuildFingerprintHasher>,
+    shards: Arc<[Mutex<Shard>]>,
+    /// Each shard's share of the bytes for answers.
+    shard_bound: usize,
     sightings: Cache<Fingerprint, Sighting, BuildFingerprintHasher>,
-    claims: Arc<[Shard]>,
     next_owner: AtomicU64,
     /// The bound, reported beside what is held.
     max_bytes: u64,
@@ -91,22 +184,16 @@ impl MemoryStore {
         // Sightings exist only under short windows and weigh little: an eighth of the
         // bound holds millions of them.
         let sighting_bytes = max_bytes / 8;
-        let answers = Cache::builder()
-            .max_capacity(max_bytes - sighting_bytes)
-            .weigher(|_: &Fingerprint, kept: &Kept| -> u32 {
-                u32::try_from(kept.answer.weight() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
-            })
-            .expire_after(PerEntryTtl)
-            .build_with_hasher(BuildFingerprintHasher::default());
+        let answer_bytes = max_bytes - sighting_bytes;
         let sightings = Cache::builder()
             .max_capacity(sighting_bytes)
             .weigher(|_: &Fingerprint, _: &Sighting| SIGHTING_WEIGHT)
             .expire_after(PerEntryTtl)
             .build_with_hasher(BuildFingerprintHasher::default());
         MemoryStore {
-            answers,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shard_bound: usize::try_from(answer_bytes / SHARDS as u64).unwrap_or(usize::MAX),
             sightings,
-            claims: (0..SHARDS).map(|_| Mutex::default()).collect(),
             next_owner: AtomicU64::new(1),
             max_bytes,
         }
@@ -114,13 +201,16 @@ impl MemoryStore {
 
     fn claim_now(&self, req: ClaimRequest) -> Claim {
         let fp = req.fp;
-        let mut claims = lock(&self.claims[shard_of(&fp)]);
+        let mut shard = lock(&self.shards[shard_of(&fp)]);
         // An owner at work: wait for its answer, unless its lease has lapsed.
-        if let Some(in_flight) = claims.get(&fp) {
+        if let Some(in_flight) = shard.claims.get_mut(&fp) {
             if in_flight.lapses > Instant::now() {
-                let mut answer = in_flight.answer.clone();
+                let mut answer = in_flight
+                    .waiters
+                    .get_or_insert_with(|| watch::channel(None).0)
+                    .subscribe();
                 return Claim::InFlight(Box::pin(async move {
-                    // An error means the owner's sender is gone without an answer.
+                    // An error means the claim went without an answer.
                     answer
                         .wait_for(Option::is_some)
                         .await
@@ -129,35 +219,33 @@ impl MemoryStore {
                 }));
             }
         }
-        // Settled answers are stored before their claim is removed, under this lock:
+        // Settled answers are kept before their claim is removed, under this lock:
         // whoever finds no claim finds the answer.
-        if let Some(kept) = self.answers.get(&fp) {
-            if req.within_window(kept.first_seen) {
-                return Claim::Done(kept.answer);
-            }
-            // Kept under a longer window than the one in force now.
-            self.answers.invalidate(&fp);
+        if let Some(answer) = shard.answer(&req) {
+            return Claim::Done(answer);
         }
         let first_seen = self.first_seen(&req);
         let owner = self.next_owner.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(None);
-        claims.insert(
+        // Replaces a lapsed claim, if there was one: its waiters claim again.
+        shard.claims.insert(
             fp,
             InFlight {
                 owner,
-                answer: rx,
+                waiters: None,
                 lapses: Instant::now() + req.lease,
             },
         );
         Claim::Owner {
             ticket: Box::new(MemoryTicket {
-                answers: self.answers.clone(),
-                claims: self.claims.clone(),
+                shards: self.shards.clone(),
+                shard_bound: self.shard_bound,
                 fp,
                 owner,
                 first_seen,
-                keep_for: req.window_left(first_seen),
-                tx: Some(tx),
+                expires_ms: record::millis(first_seen)
+                    .saturating_add(u64::try_from(req.window.as_millis()).unwrap_or(u64::MAX)),
+                claimed_ms: record::millis(req.now),
+                settled: false,
             }),
             first_seen,
         }
@@ -193,13 +281,19 @@ impl Store for MemoryStore {
 
     fn stats(&self) -> StoreStats {
         // moka counts lazily; settle pending work so a scrape sees what is held now.
-        self.answers.run_pending_tasks();
         self.sightings.run_pending_tasks();
+        let (mut entries, mut bytes, mut claims) = (0, 0, 0);
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            entries += shard.answers.len() as u64;
+            bytes += shard.bytes as u64;
+            claims += shard.claims.len() as u64;
+        }
         StoreStats {
-            entries: self.answers.entry_count(),
-            bytes: self.answers.weighted_size() + self.sightings.weighted_size(),
+            entries,
+            bytes: bytes + self.sightings.weighted_size(),
             max_bytes: self.max_bytes,
-            claims: self.claims.iter().map(|s| lock(s).len() as u64).sum(),
+            claims,
             up: true,
         }
     }
@@ -214,30 +308,40 @@ fn shard_of(fp: &Fingerprint) -> usize {
     usize::from(fp.0[8]) % SHARDS
 }
 
-fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<Fingerprint, InFlight, BuildFingerprintHasher>> {
-    // No code panics while holding a shard lock; if one did, the map is still whole.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // No code panics while holding a shard lock; if one did, the shard is still whole.
     shard
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct MemoryTicket {
-    answers: Cache<Fingerprint, Kept, BuildFingerprintHasher>,
-    claims: Arc<[Shard]>,
+    shards: Arc<[Mutex<Shard>]>,
+    shard_bound: usize,
     fp: Fingerprint,
     owner: u64,
     first_seen: SystemTime,
-    keep_for: Duration,
-    tx: Option<watch::Sender<Option<Arc<Answer>>>>,
+    expires_ms: u64,
+    /// The clock when the claim was taken: answers expired by then are trimmed.
+    claimed_ms: u64,
+    settled: bool,
 }
 
 impl MemoryTicket {
-    /// Removes the claim if it is still this owner's (it may have lapsed and been
-    /// taken by another request since).
-    fn release(&self) {
-        let mut claims = lock(&self.claims[shard_of(&self.fp)]);
-        if claims.get(&self.fp).is_some_and(|c| c.owner == self.owner) {
-            claims.remove(&self.fp);
+    /// Ends the claim, if it is still this owner's (it may have lapsed and been taken
+    /// by another request since), and hands `answer` to its waiters; without an
+    /// answer, the waiters are told to claim again.
+    fn end(&self, shard: &mut Shard, answer: Option<Arc<Answer>>) {
+        if shard
+            .claims
+            .get(&self.fp)
+            .is_none_or(|c| c.owner != self.owner)
+        {
+            return;
+        }
+        let ended = shard.claims.remove(&self.fp);
+        if let (Some(waiters), Some(answer)) = (ended.and_then(|c| c.waiters), answer) {
+            waiters.send_replace(Some(answer));
         }
     }
 }
@@ -248,30 +352,32 @@ impl Ticket for MemoryTicket {
         answer: Arc<Answer>,
         keep: bool,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        // Store before releasing and publishing: whoever is woken, or arrives next,
-        // must find the answer.
-        if keep && !self.keep_for.is_zero() {
-            self.answers.insert(
+        self.settled = true;
+        // Encoded before taking the lock: nobody waits on it.
+        let kept = (keep && self.expires_ms > self.claimed_ms)
+            .then(|| record::encode(self.first_seen, &answer).into_boxed_slice());
+        let mut shard = lock(&self.shards[shard_of(&self.fp)]);
+        // Kept before the claim ends, under one lock: whoever is woken, or arrives
+        // next, finds the answer.
+        if let Some(record) = kept {
+            shard.keep(
                 self.fp,
-                Kept {
-                    answer: answer.clone(),
-                    first_seen: self.first_seen,
-                    ttl: self.keep_for,
-                },
+                record,
+                self.expires_ms,
+                self.claimed_ms,
+                self.shard_bound,
             );
         }
-        self.release();
-        if let Some(tx) = self.tx.take() {
-            tx.send_replace(Some(answer));
-        }
+        self.end(&mut shard, Some(answer));
         Box::pin(std::future::ready(Ok(())))
     }
 }
 
 impl Drop for MemoryTicket {
     fn drop(&mut self) {
-        if self.tx.is_some() {
-            self.release();
+        if !self.settled {
+            let mut shard = lock(&self.shards[shard_of(&self.fp)]);
+            self.end(&mut shard, None);
         }
     }
 }
@@ -307,6 +413,16 @@ mod tests {
         }
     }
 
+    fn numbered(i: u32, now: SystemTime) -> ClaimRequest {
+        let mut fp = [0u8; 32];
+        fp[..4].copy_from_slice(&i.to_le_bytes());
+        fp[8] = (i % 251) as u8;
+        ClaimRequest {
+            fp: Fingerprint(fp),
+            ..request(0, DAY, now)
+        }
+    }
+
     async fn claim(store: &MemoryStore, fp: u8) -> Claim {
         store
             .claim(request(fp, DAY, SystemTime::now()))
@@ -329,13 +445,19 @@ mod tests {
         let Claim::InFlight(waiting) = claim(&store, 1).await else {
             panic!("second must wait")
         };
+        let Claim::InFlight(also_waiting) = claim(&store, 1).await else {
+            panic!("third must wait")
+        };
         owner(claim(&store, 2).await);
         ticket.settle(answer("first"), true).await.unwrap();
         assert_eq!(waiting.await.unwrap().body, "first");
+        assert_eq!(also_waiting.await.unwrap().body, "first");
         let Claim::Done(replayed) = claim(&store, 1).await else {
             panic!("must replay")
         };
         assert_eq!(replayed.body, "first");
+        assert_eq!(replayed.status, StatusCode::OK);
+        assert_eq!(replayed.key, RetryKey::Derived(uuid::Uuid::nil()));
     }
 
     #[tokio::test]
@@ -378,21 +500,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lapsed_owner_settling_late_keeps_its_answer_but_not_the_claim() {
+        let store = MemoryStore::new(1 << 20);
+        let mut short = request(1, DAY, SystemTime::now());
+        short.lease = Duration::ZERO;
+        let (stale, _) = owner(store.claim(short).await.unwrap());
+        let (fresh, _) = owner(claim(&store, 1).await);
+        let Claim::InFlight(waiting) = claim(&store, 1).await else {
+            panic!("waits on the new owner")
+        };
+        stale.settle(answer("late"), true).await.unwrap();
+        assert!(matches!(claim(&store, 1).await, Claim::InFlight(_)));
+        fresh.settle(answer("new"), true).await.unwrap();
+        assert_eq!(waiting.await.unwrap().body, "new");
+    }
+
+    #[tokio::test]
     async fn answers_expire_when_the_window_has_passed_since_first_sight() {
         let store = MemoryStore::new(1 << 20);
+        let t0 = SystemTime::now();
+        let window = Duration::from_secs(60);
+        let (ticket, _) = owner(store.claim(request(1, window, t0)).await.unwrap());
+        ticket.settle(answer("x"), true).await.unwrap();
+        let just_before = t0 + window - Duration::from_millis(1);
+        assert!(matches!(
+            store.claim(request(1, window, just_before)).await.unwrap(),
+            Claim::Done(_)
+        ));
+        owner(store.claim(request(1, window, t0 + window)).await.unwrap());
+        assert_eq!(store.stats().entries, 0, "the expired answer is gone");
+    }
+
+    #[tokio::test]
+    async fn a_lengthened_window_does_not_bring_back_what_expired() {
+        let store = MemoryStore::new(1 << 20);
+        let t0 = SystemTime::now();
         let (ticket, _) = owner(
             store
-                .claim(request(1, Duration::from_millis(1), SystemTime::now()))
+                .claim(request(1, Duration::from_secs(10), t0))
                 .await
                 .unwrap(),
         );
         ticket.settle(answer("x"), true).await.unwrap();
-        // moka expires on its own clock, which a test cannot advance: poll it, bounded.
-        let give_up = Instant::now() + Duration::from_secs(5);
-        while matches!(claim(&store, 1).await, Claim::Done(_)) {
-            assert!(Instant::now() < give_up, "entry never expired");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let later = t0 + Duration::from_secs(11);
+        owner(store.claim(request(1, DAY, later)).await.unwrap());
     }
 
     #[tokio::test]
@@ -432,19 +583,16 @@ mod tests {
     async fn claims_survive_a_full_store() {
         let store = MemoryStore::new(1 << 20);
         let (ticket, _) = owner(claim(&store, 0).await);
-        // Churn far more answers than the bound holds.
+        // Churn far more answers than the bound holds, some in the claim's shard.
         for i in 0..4096u32 {
-            let mut fp = [0u8; 32];
-            fp[..4].copy_from_slice(&i.to_le_bytes());
-            fp[8] = 1;
-            let req = ClaimRequest {
-                fp: Fingerprint(fp),
-                ..request(0, DAY, SystemTime::now())
-            };
-            let (t, _) = owner(store.claim(req).await.unwrap());
+            let (t, _) = owner(
+                store
+                    .claim(numbered(i + 1, SystemTime::now()))
+                    .await
+                    .unwrap(),
+            );
             t.settle(answer(vec![b'x'; 1024]), true).await.unwrap();
         }
-        store.answers.run_pending_tasks();
         assert!(
             matches!(claim(&store, 0).await, Claim::InFlight(_)),
             "an owner's claim is never evicted"
@@ -453,21 +601,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bounded_by_bytes() {
+    async fn bounded_by_bytes_oldest_evicted_first() {
         let store = MemoryStore::new(1 << 20);
-        for i in 0..2048u32 {
-            let mut fp = [0u8; 32];
-            fp[..4].copy_from_slice(&i.to_le_bytes());
-            let req = ClaimRequest {
-                fp: Fingerprint(fp),
-                ..request(0, DAY, SystemTime::now())
-            };
-            let (t, _) = owner(store.claim(req).await.unwrap());
+        let now = SystemTime::now();
+        for i in 0..4096u32 {
+            let (t, _) = owner(store.claim(numbered(i, now)).await.unwrap());
             t.settle(answer(vec![b'x'; 1024]), true).await.unwrap();
         }
         let stats = store.stats();
         assert!(stats.bytes <= 1 << 20, "{stats:?}");
-        assert!(stats.entries < 2048);
+        assert!(stats.entries > 400 && stats.entries < 4096, "{stats:?}");
         assert_eq!(stats.claims, 0);
+        assert!(
+            matches!(
+                store.claim(numbered(4095, now)).await.unwrap(),
+                Claim::Done(_)
+            ),
+            "the newest answer is kept"
+        );
+        let (_oldest_again, _) = owner(store.claim(numbered(0, now)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_answer_is_weighed_once_and_its_old_queue_place_ignored() {
+        let store = MemoryStore::new(1 << 20);
+        let mut lapsing = request(1, DAY, SystemTime::now());
+        lapsing.lease = Duration::ZERO;
+        // Two owners of one fingerprint, the first's lease lapsed: both settle.
+        let (first, _) = owner(store.claim(lapsing).await.unwrap());
+        let (second, _) = owner(store.claim(lapsing).await.unwrap());
+        first.settle(answer("one"), true).await.unwrap();
+        second.settle(answer("two, longer"), true).await.unwrap();
+        let Claim::Done(kept) = claim(&store, 1).await else {
+            panic!("the second answer is kept")
+        };
+        assert_eq!(kept.body, "two, longer");
+        let shard = lock(&store.shards[shard_of(&lapsing.fp)]);
+        assert_eq!(shard.answers.len(), 1);
+        // The first answer's place went with the trim after the second was kept,
+        // and did not take the second along.
+        assert_eq!(shard.queue.len(), 1);
+        let record = record::encode(lapsing.now, &kept);
+        assert_eq!(shard.bytes, record.len() + ENTRY_OVERHEAD);
     }
 }

@@ -20,6 +20,7 @@
 //! shared store logs its own changes of state (one line each), so the caller need not.
 
 pub mod memory;
+pub mod record;
 pub mod redis;
 
 use std::sync::Arc;

@@ -22,7 +22,6 @@
 
 mod background;
 mod health;
-mod record;
 mod scripts;
 mod ticket;
 mod waiters;
@@ -38,7 +37,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Claim, ClaimRequest, Store, StoreError};
+use super::{record, Claim, ClaimRequest, Store, StoreError};
 use crate::body::BoxFuture;
 use crate::domain::{Answer, Fingerprint, StoreStats, LINE_KEY_LIFETIME};
 use health::Health;

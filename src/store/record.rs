@@ -1,7 +1,8 @@
-//! An answer as Redis keeps it: compact, versioned, and read back without trust.
+//! An answer as the stores keep it: compact, versioned, and read back without trust.
+//! The memory store holds one such record per answer; Redis holds it as a string value.
 //!
 //! ```text
-//! <first seen, ms since the epoch, ASCII> ':'   read by the claim script for the window
+//! <first seen, ms since the epoch, ASCII> ':'   read by Redis' claim script for the window
 //! version u8 | status u16 | outcome u8 | attempts u16 | upstream status u16 (0: none)
 //! key:     0, 16 bytes (derived UUID)  |  1, len u16, bytes (the bot's own)
 //! headers: count u8, then per header: name (index u8 into KNOWN, or 0, len u8, bytes),
@@ -33,16 +34,16 @@ const KNOWN: [HeaderName; 5] = [
 ];
 
 /// Milliseconds since the epoch, the unit of every time the scripts compare.
-pub(super) fn millis(t: SystemTime) -> u64 {
+pub fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-pub(super) fn from_millis(ms: u64) -> SystemTime {
+pub fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-pub(super) fn encode(first_seen: SystemTime, answer: &Answer) -> Vec<u8> {
+pub fn encode(first_seen: SystemTime, answer: &Answer) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + answer.body.len());
     out.extend_from_slice(millis(first_seen).to_string().as_bytes());
     out.push(b':');
@@ -142,7 +143,7 @@ fn put_u16_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 
 /// The record's first sighting and its answer, or `None` if the bytes are not a
 /// record this version wrote.
-pub(super) fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
+pub fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
     let colon = record.iter().position(|&b| b == b':')?;
     let first_seen = std::str::from_utf8(&record[..colon]).ok()?.parse().ok()?;
     let mut r = Reader(&record[colon + 1..]);
