@@ -154,7 +154,10 @@ async fn chaos_soak_two_replicas_on_redis_long() {
     }
     soak(Plan {
         sends: 5000,
-        bots: 48,
+        // The short soak's 16, not the memory soak's 48: with more, in release, each
+        // replica's retry budget runs out and faults end in quick 502s, so few resends
+        // find the other replica's work, which is what this soak is about.
+        bots: 16,
         setup: Setup::Redis {
             replicas: 2,
             restarts: 3,
