@@ -116,7 +116,8 @@ INCLUSIVE = [
      r"tracing::__macro_support|line_retry_proxy::telemetry"),
     ("metrics", r"line_retry_proxy::metrics"),
     ("fingerprint + key (sha2, uuid)", r"sha2::|uuid::|pipeline::fingerprint|pipeline::key"),
-    ("store (moka)", r"moka::|store::memory|crossbeam_epoch|crossbeam_channel"),
+    ("store (shards, records, moka sightings)", r"moka::|store::memory|store::record|"
+     r"crossbeam_epoch|crossbeam_channel"),
     ("task spawn/teardown (tokio task cells)", r"tokio::task::spawn::spawn|Harness<T,S>::"
      r"(complete|dealloc)|task::raw::dealloc|Cell<T,S>::new|OwnedTasks<S>::(bind_inner|remove)"),
 ]
@@ -138,13 +139,13 @@ SPANS = [
     ("  Pipeline::handle (all but the upstream task)", r"pipeline::handle|Pipeline::handle"),
     ("    fingerprint + key", r"pipeline::fingerprint|pipeline::key"),
     ("    store claim", r"Store>::claim"),
-    ("    spawn of the upstream task", r"tokio::task::spawn::spawn"),
-    ("    request span (new, record, enter, close)", r"Subscriber>::(new_span|record|enter|"
+    ("    upstream work moved to a task (bot gone)", r"tokio::task::spawn::spawn"),
+    ("    request span (debug logging only)", r"Subscriber>::(new_span|record|enter|"
      r"exit|try_close|clone_span)|Registry as .*(new_span|try_close)"),
-    ("    access log line (event)", r"Subscriber>::event"),
-    ("upstream task (the spawned send + settle)", r"own::\{\{closure\}\}::\{\{closure\}\}"),
-    ("  Upstream::request (hyper-util Client)", r"Upstream>?::request"),
-    ("  settle + store settle", r"pipeline::settle|Ticket>::settle"),
+    ("    access log line", r"telemetry::access|Subscriber>::event"),
+    ("  upstream work (send + settle, in the handler's task)", r"own::\{\{closure\}\}::\{\{closure\}\}"),
+    ("    Upstream::request (hyper-util Client)", r"Upstream>?::request"),
+    ("    settle + store settle", r"pipeline::settle|Ticket>::settle"),
     ("upstream connection task (hyper client conn)", r"role::Client|futures_util::future::"
      r"future::Map<Fut,F> as"),
     ("rustls (TLS + its socket I/O), both tasks", r"rustls"),

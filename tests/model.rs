@@ -508,3 +508,53 @@ proptest! {
         run(ops, "10s", Duration::from_secs(10))?;
     }
 }
+
+/// An upstream whose first request panics (a defect on the way out), then answers.
+struct PanicsOnce(Mutex<bool>);
+
+impl Upstream for PanicsOnce {
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        let pq = path_and_query.map_or("/", |p| p.as_str());
+        format!("http://line.model{pq}").parse().unwrap()
+    }
+
+    fn request(
+        &self,
+        _req: Request<ProxyBody>,
+    ) -> BoxFuture<'_, Result<Response<ProxyBody>, AttemptFailure>> {
+        Box::pin(async move {
+            let first = std::mem::replace(&mut *self.0.lock().unwrap(), false);
+            assert!(!first, "a defect on the way out");
+            Ok(Response::new(full(r#"{"sentMessages":[]}"#)))
+        })
+    }
+}
+
+/// The upstream work runs in the bot's own task: a panic in it is answered with a 500
+/// and releases its claim, as a task of its own would, and the resend goes through.
+#[tokio::test]
+async fn a_panic_on_the_way_out_is_answered_and_releases_the_claim() {
+    let args = Args::try_parse_from(["line-retry-proxy"]).unwrap();
+    let config = Config::load(&args.serve).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let p = Arc::new(Pipeline::new(
+        Box::new(MemoryStore::new(config.store_max_bytes)),
+        Arc::new(PanicsOnce(Mutex::new(true))),
+        metrics.clone(),
+        config.policy,
+        Intake::new(
+            config.body_limit,
+            config.body_timeout,
+            config.idle_timeout,
+            config.buffer_limit,
+            metrics,
+        ),
+        false,
+    ));
+    let first = p.handle(bot_request(0, 0)).await;
+    assert_eq!(first.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(p.store.stats().claims, 0, "the claim went with the panic");
+    let resend = p.handle(bot_request(0, 0)).await;
+    assert_eq!(resend.status(), StatusCode::OK);
+    assert_eq!(resend.headers()["x-line-retry-proxy"], "fresh");
+}

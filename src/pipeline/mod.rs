@@ -26,6 +26,7 @@ pub mod send;
 pub mod settle;
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -338,14 +339,22 @@ impl Pipeline {
             }
             .instrument(tracing::Span::current()),
         );
-        let answer = Detachable::new(work, &self.tasks).await;
-        Exchange::answered(endpoint, &answer, answer.outcome)
+        match Detachable::new(work, &self.tasks).await {
+            Ok(answer) => Exchange::answered(endpoint, &answer, answer.outcome),
+            // Its ticket was dropped on the way out: waiters claim again.
+            Err(Panicked) => Exchange::failed(
+                Some(endpoint),
+                &ProxyError::Internal("the upstream work ended without an answer"),
+            ),
+        }
     }
 }
 
 /// Work that runs in the task awaiting it, and, should that task drop it unfinished
 /// (the bot hung up), goes on in a tracked task of its own. Until then its tracker
-/// token counts it as a task, so shutdown waits for it either way.
+/// token counts it as a task, so shutdown waits for it either way. A panic in it is
+/// caught and answered, as a task of its own would have: it must not take down the
+/// bot's connection and every other request on it.
 struct Detachable<T: Send + 'static> {
     work: Option<BoxFuture<'static, T>>,
     tasks: TaskTracker,
@@ -362,15 +371,24 @@ impl<T: Send + 'static> Detachable<T> {
     }
 }
 
-impl<T: Send + 'static> Future for Detachable<T> {
-    type Output = T;
+/// The work panicked.
+struct Panicked;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+impl<T: Send + 'static> Future for Detachable<T> {
+    type Output = Result<T, Panicked>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(work) = self.work.as_mut() else {
             // Polled again after it finished: nothing more will come.
             return Poll::Pending;
         };
-        let done = std::task::ready!(work.as_mut().poll(cx));
+        // Unwind safety: after a panic the work is dropped, never polled again.
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
+        let done = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(done)) => Ok(done),
+            Err(_) => Err(Panicked),
+        };
         self.work = None;
         Poll::Ready(done)
     }
