@@ -183,10 +183,15 @@ impl ModelLine {
     }
 }
 
+/// Where the model's requests go: nowhere, but a request needs a URI.
+fn model_uri(path_and_query: Option<&PathAndQuery>) -> Uri {
+    let pq = path_and_query.map_or("/", |p| p.as_str());
+    format!("http://line.model{pq}").parse().unwrap()
+}
+
 impl Upstream for ModelLine {
     fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        let pq = path_and_query.map_or("/", |p| p.as_str());
-        format!("http://line.model{pq}").parse().unwrap()
+        model_uri(path_and_query)
     }
 
     fn request(
@@ -239,36 +244,44 @@ struct Args {
 }
 
 fn pipeline(line: &Arc<ModelLine>, window: &str) -> Arc<Pipeline> {
-    let args = Args::try_parse_from([
-        "line-retry-proxy",
-        "--attempt-timeout=1s",
-        "--max-attempts=3",
-        "--retry-base-delay=10ms",
-        "--retry-max-delay=100ms",
-        "--request-deadline=10s",
-        "--retry-budget-min-per-second=1000",
-        &format!("--dedup-window={window}"),
-    ])
-    .unwrap();
-    let config = Config::load(&args.serve).unwrap();
     let clock = line.clock.clone();
-    let metrics = Arc::new(Metrics::default());
     Arc::new(
-        Pipeline::new(
-            Box::new(MemoryStore::new(config.store_max_bytes)),
+        pipeline_on(
             line.clone(),
-            metrics.clone(),
-            config.policy,
-            Intake::new(
-                config.body_limit,
-                config.body_timeout,
-                config.idle_timeout,
-                config.buffer_limit,
-                metrics,
-            ),
-            false,
+            &[
+                "--attempt-timeout=1s",
+                "--max-attempts=3",
+                "--retry-base-delay=10ms",
+                "--retry-max-delay=100ms",
+                "--request-deadline=10s",
+                "--retry-budget-min-per-second=1000",
+                &format!("--dedup-window={window}"),
+            ],
         )
         .with_clock(Arc::new(move || clock.now())),
+    )
+}
+
+/// The real pipeline on a memory store, sending to `upstream`, configured by `flags`.
+fn pipeline_on(upstream: Arc<dyn Upstream>, flags: &[&str]) -> Pipeline {
+    let args =
+        Args::try_parse_from(std::iter::once("line-retry-proxy").chain(flags.iter().copied()))
+            .unwrap();
+    let config = Config::load(&args.serve).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    Pipeline::new(
+        Box::new(MemoryStore::new(config.store_max_bytes)),
+        upstream,
+        metrics.clone(),
+        config.policy,
+        Intake::new(
+            config.body_limit,
+            config.body_timeout,
+            config.idle_timeout,
+            config.buffer_limit,
+            metrics,
+        ),
+        false,
     )
 }
 
@@ -514,8 +527,7 @@ struct PanicsOnce(Mutex<bool>);
 
 impl Upstream for PanicsOnce {
     fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        let pq = path_and_query.map_or("/", |p| p.as_str());
-        format!("http://line.model{pq}").parse().unwrap()
+        model_uri(path_and_query)
     }
 
     fn request(
@@ -534,23 +546,7 @@ impl Upstream for PanicsOnce {
 /// and releases its claim, as a task of its own would, and the resend goes through.
 #[tokio::test]
 async fn a_panic_on_the_way_out_is_answered_and_releases_the_claim() {
-    let args = Args::try_parse_from(["line-retry-proxy"]).unwrap();
-    let config = Config::load(&args.serve).unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let p = Arc::new(Pipeline::new(
-        Box::new(MemoryStore::new(config.store_max_bytes)),
-        Arc::new(PanicsOnce(Mutex::new(true))),
-        metrics.clone(),
-        config.policy,
-        Intake::new(
-            config.body_limit,
-            config.body_timeout,
-            config.idle_timeout,
-            config.buffer_limit,
-            metrics,
-        ),
-        false,
-    ));
+    let p = Arc::new(pipeline_on(Arc::new(PanicsOnce(Mutex::new(true))), &[]));
     let first = p.handle(bot_request(0, 0)).await;
     assert_eq!(first.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(p.store.stats().claims, 0, "the claim went with the panic");
