@@ -5,7 +5,7 @@
 //!                       └─ keyed ─► read ─► fingerprint ─► key ─► claim ─┬─ done ─────┤ replayed
 //!                                                                       ├─ in flight ┤ coalesced
 //!                                                                       └─ owner     │
-//!                                    (own task) send ⟲ retries ─► settle ─► store ───┤ fresh /
+//!                                  (detachable) send ⟲ retries ─► settle ─► store ───┤ fresh /
 //!                                                                                     │ conflict-resolved
 //!                                                                         respond ◄───┘
 //! ```
@@ -17,6 +17,7 @@
 
 pub mod canonical;
 pub mod classify;
+mod detach;
 pub mod fingerprint;
 pub mod forward;
 pub mod key;
@@ -25,17 +26,12 @@ pub mod respond;
 pub mod send;
 pub mod settle;
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use tokio::time::Instant;
-use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -49,6 +45,7 @@ use crate::store::{Claim, ClaimRequest, Store, Ticket};
 use crate::telemetry;
 use crate::upstream::Upstream;
 use classify::Route;
+use detach::{Detachable, Panicked};
 
 /// A claim lapses this long after the owner's deadline, should the owner vanish.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
@@ -346,68 +343,6 @@ impl Pipeline {
                 Some(endpoint),
                 &ProxyError::Internal("the upstream work ended without an answer"),
             ),
-        }
-    }
-}
-
-/// Work that runs in the task awaiting it, and, should that task drop it unfinished
-/// (the bot hung up), goes on in a tracked task of its own. Until then its tracker
-/// token counts it as a task, so shutdown waits for it either way. A panic in it is
-/// caught and answered, as a task of its own would have: it must not take down the
-/// bot's connection and every other request on it.
-struct Detachable<T: Send + 'static> {
-    work: Option<BoxFuture<'static, T>>,
-    tasks: TaskTracker,
-    _counted: TaskTrackerToken,
-}
-
-impl<T: Send + 'static> Detachable<T> {
-    fn new(work: BoxFuture<'static, T>, tasks: &TaskTracker) -> Self {
-        Detachable {
-            work: Some(work),
-            tasks: tasks.clone(),
-            _counted: tasks.token(),
-        }
-    }
-}
-
-/// The work panicked.
-struct Panicked;
-
-impl<T: Send + 'static> Future for Detachable<T> {
-    type Output = Result<T, Panicked>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(work) = self.work.as_mut() else {
-            // Polled again after it finished: nothing more will come.
-            return Poll::Pending;
-        };
-        // Unwind safety: after a panic the work is dropped, never polled again.
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
-        let done = match polled {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(done)) => Ok(done),
-            Err(_) => Err(Panicked),
-        };
-        self.work = None;
-        Poll::Ready(done)
-    }
-}
-
-impl<T: Send + 'static> Drop for Detachable<T> {
-    fn drop(&mut self) {
-        let Some(work) = self.work.take() else {
-            return;
-        };
-        // Dropped outside a runtime only when the runtime itself is going away, and
-        // the work with it.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            self.tasks.spawn_on(
-                async move {
-                    let _ = work.await;
-                },
-                &runtime,
-            );
         }
     }
 }
