@@ -152,7 +152,7 @@ pub struct LogGuard {
 }
 
 impl LogGuard {
-    /// A guard for a process whose output was set up elsewhere: drops to nothing.
+    /// A guard for a process whose output was set up before: drops to nothing.
     fn none() -> Self {
         LogGuard { writer: None }
     }
@@ -160,8 +160,10 @@ impl LogGuard {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        flush();
+        // Only the guard of the writer it started: a second `init`'s guard leaves the
+        // first one's output alone.
         if let Some(writer) = self.writer.take() {
+            flush();
             let _ = writer.join();
         }
     }
