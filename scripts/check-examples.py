@@ -259,7 +259,7 @@ def check_pod(known, image):
 
 def default_ports(binary):
     out = subprocess.run([binary, "--help"], capture_output=True, text=True, check=True).stdout
-    return {int(p) for p in re.findall(r"listen <ADDR>\s+.*?\[default: [^\]]*:(\d+)\]", out, re.S)}
+    return {int(p) for p in re.findall(r"listen <[^>]+>\s+.*?\[default: [^\]]*:(\d+)\]", out, re.S)}
 
 
 def check_dockerfile(binary):
