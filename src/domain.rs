@@ -284,20 +284,6 @@ pub struct Answer {
     pub upstream_status: Option<StatusCode>,
 }
 
-impl Answer {
-    /// Bytes this answer holds, for the store's memory bound.
-    pub fn weight(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                std::mem::size_of::<(HeaderName, HeaderValue)>() + k.as_str().len() + v.len()
-            })
-            .sum();
-        std::mem::size_of::<Answer>() + headers + self.body.len()
-    }
-}
-
 /// What a store holds, for the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
