@@ -282,6 +282,57 @@ pub struct Answer {
     /// LINE's own status on the last attempt, when there was one (a 409 settled into
     /// 200 keeps 409 here, for the log).
     pub upstream_status: Option<StatusCode>,
+    /// The token the answer was obtained with. A kept answer is replayed only to that
+    /// token: any other, even one of the same channel, is sent to LINE under the same
+    /// key, and LINE judges it. `None` (a record from before tokens were kept) is
+    /// replayed to no one.
+    pub owner: Option<TokenTag>,
+}
+
+/// A hash of a request's access token: who may read a kept answer, and the name a
+/// token's channel is cached under. Never the token itself.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenTag(pub [u8; 16]);
+
+impl fmt::Debug for TokenTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The LINE channel a token belongs to, named by its bot's user ID (`U` and 32
+/// lower-case hex digits): one per channel, and the one identity LINE gives for every
+/// kind of token, stateless ones included (docs/channels.md). Not a secret.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ChannelId(Box<str>);
+
+impl ChannelId {
+    /// A bot user ID as LINE writes it, or `None`: bytes from LINE or from a shared
+    /// store are input like any other.
+    pub fn parse(text: &str) -> Option<ChannelId> {
+        let hex = text.strip_prefix('U')?;
+        (hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| ChannelId(format!("U{}", hex.to_ascii_lowercase()).into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// What a store holds, for the metrics.

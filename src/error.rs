@@ -53,6 +53,14 @@ pub enum ProxyError {
     #[error("upstream failed while forwarding: {0}")]
     Forward(AttemptFailure),
 
+    /// Sending under any other scope than the token's channel could carry a key that
+    /// differs from an earlier attempt's, so the send is not sent at all.
+    #[error("could not learn the access token's channel from LINE ({last}, {attempts} attempts); not sent, send it again")]
+    ChannelUnknown { attempts: u32, last: AttemptFailure },
+
+    #[error("a token request body over {limit} bytes")]
+    TokenRequestTooLarge { limit: usize },
+
     #[error("the proxy is shutting down")]
     ShuttingDown,
 
@@ -69,8 +77,10 @@ impl ProxyError {
             | ProxyError::BodyTimeout
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::ProxyAuthRequired
-            | ProxyError::HostNotAllowed { .. } => Side::Client,
+            | ProxyError::HostNotAllowed { .. }
+            | ProxyError::TokenRequestTooLarge { .. } => Side::Client,
             ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::ChannelUnknown { .. }
             | ProxyError::TunnelTarget { .. }
             | ProxyError::Forward(_) => Side::Upstream,
             ProxyError::ShuttingDown | ProxyError::Overloaded | ProxyError::Internal(_) => {
@@ -87,7 +97,10 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTooLarge { .. } | ProxyError::TokenRequestTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ProxyError::ChannelUnknown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest(_) | ProxyError::ClientBody => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -124,6 +137,8 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::TunnelTarget { .. } => "tunnel_target_unreachable",
             ProxyError::Forward(_) => "upstream_forward_failed",
+            ProxyError::ChannelUnknown { .. } => "channel_unknown",
+            ProxyError::TokenRequestTooLarge { .. } => "token_request_too_large",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Internal(_) => "internal",
         }

@@ -310,6 +310,7 @@ async fn reload_on_sighup(app: Arc<App>) {
                     || next.store_timeout != app.config.store_timeout
                     || next.store_ca != app.config.store_ca
                     || next.canonical_json != app.config.canonical_json
+                    || next.key_scope != app.config.key_scope
                     || next.body_limit != app.config.body_limit
                     || next.proxy_auth != app.config.proxy_auth
                     || next.upstream_proxy != app.config.upstream_proxy;
@@ -324,7 +325,7 @@ async fn reload_on_sighup(app: Arc<App>) {
                 app.reload(next.policy);
                 tracing::info!("configuration reloaded: retry policy, windows and host lists");
                 if restart_needed {
-                    tracing::warn!("some changed settings (listeners, upstream, upstream-proxy, store, CA, body limit, auth, canonical-json) take effect only after a restart");
+                    tracing::warn!("some changed settings (listeners, upstream, upstream-proxy, store, CA, body limit, auth, canonical-json, key-scope) take effect only after a restart");
                 }
             }
             Err(err) => tracing::error!("reload failed, keeping the current settings: {err}"),

@@ -42,19 +42,25 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
+        // `le` joins the other labels; a histogram without any has braces for it alone.
+        let (le, plain) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         let mut cumulative = 0;
         for (bound, count) in BUCKETS.iter().zip(&self.buckets) {
             cumulative += count.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{le}le=\"{bound}\"}} {cumulative}");
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{le}le=\"+Inf\"}} {count}");
         let _ = writeln!(
             out,
-            "{name}_sum{{{labels}}} {}",
+            "{name}_sum{plain} {}",
             self.sum_micros.load(Relaxed) as f64 / 1e6
         );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let _ = writeln!(out, "{name}_count{plain} {count}");
     }
 }
 
@@ -101,6 +107,50 @@ impl Limit {
     }
 }
 
+/// How a keyed send learned the channel of its token (or, for `issued`, how a token
+/// seen issued through the proxy was placed in its channel without a send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelSource {
+    /// This process had it cached.
+    Cache,
+    /// The shared store's directory had it (another replica, or an earlier run).
+    Store,
+    /// A token issued through the proxy, for a channel whose bot was already known.
+    Issued,
+    /// Asked of LINE: `GET /v2/bot/info`.
+    BotInfo,
+    /// LINE refused the token: forwarded as it is, under its own scope.
+    Rejected,
+    /// LINE could not be asked in time: the send was answered 503 and not sent.
+    Failed,
+}
+
+impl ChannelSource {
+    pub const ALL: [ChannelSource; 6] = [
+        ChannelSource::Cache,
+        ChannelSource::Store,
+        ChannelSource::Issued,
+        ChannelSource::BotInfo,
+        ChannelSource::Rejected,
+        ChannelSource::Failed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ChannelSource::Cache => "cache",
+            ChannelSource::Store => "store",
+            ChannelSource::Issued => "issued",
+            ChannelSource::BotInfo => "bot_info",
+            ChannelSource::Rejected => "rejected",
+            ChannelSource::Failed => "failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Every counter the proxy keeps. One instance per running proxy, no globals.
 #[derive(Default)]
 pub struct Metrics {
@@ -123,6 +173,8 @@ pub struct Metrics {
     connect_refused: AtomicU64,
     limits_hit: [AtomicU64; Limit::ALL.len()],
     buffered_bytes: AtomicI64,
+    channels: [AtomicU64; ChannelSource::ALL.len()],
+    channel_lookup_latency: Histogram,
 }
 
 /// One request in flight, shared by its handler and any work it left behind.
@@ -179,6 +231,15 @@ impl Metrics {
 
     pub fn store_error(&self) {
         self.store_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn channel(&self, source: ChannelSource) {
+        self.channels[source.index()].fetch_add(1, Relaxed);
+    }
+
+    /// One `GET /v2/bot/info` attempt, answered or not.
+    pub fn channel_lookup(&self, latency: Duration) {
+        self.channel_lookup_latency.observe(latency);
     }
 
     pub fn tls_handshake(&self, ok: bool) {
@@ -323,6 +384,28 @@ impl Metrics {
                 &format!("endpoint=\"{e}\""),
             );
         }
+        header(
+            o,
+            "line_retry_proxy_channel_lookups_total",
+            "counter",
+            "How keyed sends learned their token's channel (issued: tokens placed at issuance).",
+        );
+        for (source, n) in ChannelSource::ALL.iter().zip(&self.channels) {
+            let _ = writeln!(
+                o,
+                "line_retry_proxy_channel_lookups_total{{source=\"{}\"}} {}",
+                source.label(),
+                n.load(Relaxed)
+            );
+        }
+        header(
+            o,
+            "line_retry_proxy_channel_lookup_seconds",
+            "histogram",
+            "Time of one GET /v2/bot/info attempt asking LINE for a token's channel.",
+        );
+        self.channel_lookup_latency
+            .render(o, "line_retry_proxy_channel_lookup_seconds", "");
         gauge(
             o,
             "line_retry_proxy_store_entries",
@@ -496,5 +579,20 @@ mod tests {
         assert!(text.contains("line_retry_proxy_store_max_bytes 1000"));
         assert!(text.contains("line_retry_proxy_store_up 1"));
         assert!(text.contains("line_retry_proxy_in_flight_requests 0"));
+    }
+
+    #[test]
+    fn channel_lookups_by_source_and_their_latency() {
+        let m = Metrics::default();
+        m.channel(ChannelSource::BotInfo);
+        m.channel(ChannelSource::Cache);
+        m.channel(ChannelSource::Cache);
+        m.channel_lookup(Duration::from_millis(4));
+        let text = m.render(StoreStats::default(), 0);
+        assert!(text.contains("line_retry_proxy_channel_lookups_total{source=\"cache\"} 2"));
+        assert!(text.contains("line_retry_proxy_channel_lookups_total{source=\"bot_info\"} 1"));
+        assert!(text.contains("line_retry_proxy_channel_lookups_total{source=\"failed\"} 0"));
+        assert!(text.contains("line_retry_proxy_channel_lookup_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("line_retry_proxy_channel_lookup_seconds_count 1"));
     }
 }

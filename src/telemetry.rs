@@ -228,6 +228,10 @@ pub struct Access<'a> {
     /// The endpoint's name, or `other`.
     pub endpoint: &'static str,
     pub key: Option<&'a RetryKey>,
+    /// The channel the send was keyed under (its bot user ID; not a secret).
+    pub channel: Option<&'a str>,
+    /// LINE's `x-line-request-id` of the answer, as the bot got it.
+    pub request_id: Option<&'a str>,
     pub outcome: &'static str,
     pub attempts: u32,
     pub status: u16,
@@ -276,6 +280,14 @@ fn format_access(out: &mut String, format: LogFormat, now: SystemTime, a: &Acces
                 out.push_str(",\"key\":");
                 json_str(out, &key.to_string());
             }
+            if let Some(channel) = a.channel {
+                out.push_str(",\"channel\":");
+                json_str(out, channel);
+            }
+            if let Some(id) = a.request_id {
+                out.push_str(",\"request_id\":");
+                json_str(out, id);
+            }
             let _ = write!(
                 out,
                 ",\"outcome\":\"{}\",\"attempts\":{},\"status\":{}",
@@ -297,6 +309,19 @@ fn format_access(out: &mut String, format: LogFormat, now: SystemTime, a: &Acces
             );
             if let Some(key) = a.key {
                 let _ = write!(out, " key={key}");
+            }
+            if let Some(channel) = a.channel {
+                let _ = write!(out, " channel={channel}");
+            }
+            // LINE's ids are UUIDs; anything with a space in it is quoted.
+            match a.request_id {
+                Some(id) if id.contains(' ') => {
+                    let _ = write!(out, " request_id={id:?}");
+                }
+                Some(id) => {
+                    let _ = write!(out, " request_id={id}");
+                }
+                None => {}
             }
             let _ = write!(
                 out,
@@ -344,6 +369,8 @@ mod tests {
                 path,
                 endpoint: "push",
                 key,
+                channel: key.map(|_| "U0123456789abcdef0123456789abcdef"),
+                request_id: key.map(|_| "0cbd9e6f-2a8f-4e3e-8f1b-3c1f0c5f2a11"),
                 outcome: "fresh",
                 attempts: 2,
                 status: 200,
@@ -367,6 +394,8 @@ mod tests {
         assert_eq!(v["path"], "/v2/bot/message/push");
         assert_eq!(v["endpoint"], "push");
         assert_eq!(v["key"], "00000000-0000-0000-0000-000000000000");
+        assert_eq!(v["channel"], "U0123456789abcdef0123456789abcdef");
+        assert_eq!(v["request_id"], "0cbd9e6f-2a8f-4e3e-8f1b-3c1f0c5f2a11");
         assert_eq!(v["outcome"], "fresh");
         assert_eq!(v["attempts"], 2);
         assert_eq!(v["status"], 200);
@@ -393,6 +422,15 @@ mod tests {
             "2025-11-24T16:00:00.123456Z  INFO line_retry_proxy::access: method=POST \
              path=/v2/bot/message/push endpoint=push outcome=fresh attempts=2 status=200 \
              upstream_status=200 latency_ms=1.25\n"
+        );
+        let key = RetryKey::Derived(Uuid::nil());
+        let text = line(LogFormat::Text, Some(&key), "/v2/bot/message/push");
+        assert!(
+            text.contains(
+                " key=00000000-0000-0000-0000-000000000000 channel=U0123456789abcdef0123456789abcdef \
+                 request_id=0cbd9e6f-2a8f-4e3e-8f1b-3c1f0c5f2a11 outcome=fresh"
+            ),
+            "{text}"
         );
     }
 

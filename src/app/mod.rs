@@ -68,20 +68,23 @@ impl App {
             config.policy.retry.attempt_timeout,
         )?;
         let metrics = Arc::new(Metrics::default());
-        let pipeline = Arc::new(Pipeline::new(
-            store,
-            Arc::new(upstream),
-            metrics.clone(),
-            config.policy.clone(),
-            Intake::new(
-                config.body_limit,
-                config.body_timeout,
-                config.idle_timeout,
-                config.buffer_limit,
+        let pipeline = Arc::new(
+            Pipeline::new(
+                store,
+                Arc::new(upstream),
                 metrics.clone(),
-            ),
-            config.canonical_json,
-        ));
+                config.policy.clone(),
+                Intake::new(
+                    config.body_limit,
+                    config.body_timeout,
+                    config.idle_timeout,
+                    config.buffer_limit,
+                    metrics.clone(),
+                ),
+                config.canonical_json,
+            )
+            .with_key_scope(config.key_scope),
+        );
 
         let plan = ca_plan(&config);
         let ca = CertificateAuthority::load_or_create(&config.ca_dir, &plan)?;

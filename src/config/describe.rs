@@ -89,6 +89,7 @@ impl Config {
         line("body-limit", self.body_limit.to_string());
         line("store-max-bytes", self.store_max_bytes.to_string());
         line("canonical-json", self.canonical_json.to_string());
+        line("key-scope", format!("{:?}", self.key_scope.name()));
         line(
             "intercept-hosts",
             format!("{:?}", self.policy.intercept_hosts),

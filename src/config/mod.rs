@@ -21,7 +21,8 @@ pub use egress::{EgressProxy, NoProxy, UpstreamProxy};
 pub use sources::ServeArgs;
 use sources::{list, pick, read_file, FileConfig};
 use values::{
-    addr, boolean, duration, hosts, log_format, number, proxy_auth, ratio, store, upstream, window,
+    addr, boolean, duration, hosts, key_scope, log_format, number, proxy_auth, ratio, store,
+    upstream, window,
 };
 pub use values::{ConfigError, Secret, MASKED};
 
@@ -38,6 +39,26 @@ pub(super) const ONE_YEAR: Duration = Duration::from_secs(31_557_600);
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// What a send's fingerprint, and so its derived key, is scoped to: `--key-scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyScope {
+    /// The LINE channel the token belongs to: every token of a channel derives the
+    /// same key, so a resend after a token rotation is fenced by LINE (docs/channels.md).
+    Channel,
+    /// The Authorization value, as before channels were known: keys exactly as those
+    /// versions derived them, for an upgrade (README "Upgrading").
+    Token,
+}
+
+impl KeyScope {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyScope::Channel => "channel",
+            KeyScope::Token => "token",
+        }
+    }
 }
 
 /// Which answer store: `--store`.
@@ -181,6 +202,9 @@ pub struct Config {
     pub body_limit: usize,
     pub store_max_bytes: u64,
     pub canonical_json: bool,
+    /// What fingerprints are scoped to; changing it changes every derived key, so it
+    /// takes a restart.
+    pub key_scope: KeyScope,
     pub proxy_auth: Option<Secret>,
     pub max_connections: usize,
     pub header_timeout: Duration,
@@ -409,6 +433,7 @@ impl Config {
                 ),
                 false,
             )?,
+            key_scope: key_scope(pick(&args.key_scope, file.key_scope))?,
             proxy_auth: proxy_auth(args.proxy_auth.clone().or(file.proxy_auth.map(Secret)))?,
             max_connections: number(
                 "max-connections",
@@ -638,6 +663,26 @@ mod tests {
         let direct = Config::from_toml("").unwrap();
         let again = Config::from_toml(&direct.describe()).unwrap();
         assert_eq!(again.upstream_proxy, UpstreamProxy::Direct);
+    }
+
+    #[test]
+    fn key_scope_is_channel_unless_told_token() {
+        assert_eq!(file("").unwrap().key_scope, KeyScope::Channel);
+        assert_eq!(
+            file("key-scope = \"token\"").unwrap().key_scope,
+            KeyScope::Token
+        );
+        let err = file("key-scope = \"bot\"").unwrap_err().to_string();
+        assert!(
+            err.contains("`key-scope`") && err.contains("channel or token"),
+            "{err}"
+        );
+        let token = file("key-scope = \"token\"").unwrap();
+        assert!(token.describe().contains("key-scope = \"token\"\n"));
+        assert_eq!(
+            Config::from_toml(&token.describe()).unwrap().key_scope,
+            KeyScope::Token
+        );
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub struct ServeArgs {
     /// Fingerprint JSON bodies in canonical form (key order and spacing ignored) [default: false]
     #[arg(long, env = "LINE_RETRY_PROXY_CANONICAL_JSON", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub canonical_json: Option<String>,
+    /// What a derived retry key is scoped to: the token's LINE channel (every token of a channel gets the same key, so a resend after a token rotation is not delivered twice), or the token alone (keys as versions before 0.2 derived them, for an upgrade); needs a restart [default: channel]
+    #[arg(long, env = "LINE_RETRY_PROXY_KEY_SCOPE", value_name = "channel|token")]
+    pub key_scope: Option<String>,
     /// Hosts whose CONNECT tunnels are intercepted, comma-separated [default: api.line.me]
     #[arg(long, env = "LINE_RETRY_PROXY_INTERCEPT_HOSTS", value_name = "HOSTS")]
     pub intercept_hosts: Option<String>,
@@ -167,6 +170,7 @@ pub(super) struct FileConfig {
     pub(super) retry_budget_ratio: Option<f64>,
     pub(super) retry_budget_min_per_second: Option<u32>,
     pub(super) canonical_json: Option<bool>,
+    pub(super) key_scope: Option<String>,
     pub(super) intercept_hosts: Option<Vec<String>>,
     pub(super) tunnel_allow: Option<Vec<String>>,
     pub(super) proxy_auth: Option<String>,

@@ -285,6 +285,18 @@ pub(super) fn log_format(value: Option<String>) -> Result<LogFormat, ConfigError
     }
 }
 
+pub(super) fn key_scope(value: Option<String>) -> Result<super::KeyScope, ConfigError> {
+    match value.as_deref() {
+        None | Some("channel") => Ok(super::KeyScope::Channel),
+        Some("token") => Ok(super::KeyScope::Token),
+        Some(v) => Err(ConfigError::option(
+            "key-scope",
+            v,
+            "expected channel or token",
+        )),
+    }
+}
+
 pub(super) fn proxy_auth(value: Option<Secret>) -> Result<Option<Secret>, ConfigError> {
     match value {
         // Empty, as the shipped file and check-config show an unset one: none.

@@ -3,22 +3,72 @@
 //! Getting this wrong is cache poisoning: two different sends sharing a fingerprint
 //! would answer one bot with another's result, and two channels sharing one would leak
 //! answers across tenants. So the hash covers, length-prefixed and versioned:
-//! the caller scope (a hash of the Authorization credential, never the credential),
-//! the method, the path and query, the bot's own retry key if it sent one, and the body.
+//! the caller scope, the method, the path and query, the bot's own retry key if it sent
+//! one, and the body.
+//!
+//! The scope is the LINE channel the token belongs to ([`channel_scope`]), so every
+//! token of one channel derives the same key, as LINE keeps keys per channel. A token
+//! LINE did not vouch for is its own scope ([`unvouched_scope`]); with
+//! `key-scope = token` the scope is the Authorization value's hash, exactly as before
+//! channels were known ([`token_scope`]). See docs/channels.md.
 
 use http::{HeaderMap, Method};
 use sha2::{Digest, Sha256};
 
 use super::canonical::canonical;
-use crate::domain::Fingerprint;
+use crate::domain::{ChannelId, Fingerprint, TokenTag};
 
 /// Bump when the hashed tuple changes: old fingerprints must never match new ones.
 const VERSION: &[u8] = b"line-retry-proxy/fingerprint/v1\0";
+/// `key-scope = token`: byte for byte the scope of the versions before channels.
 const SCOPE_VERSION: &[u8] = b"line-retry-proxy/scope/v1\0";
+const CHANNEL_SCOPE: &[u8] = b"line-retry-proxy/scope/v2/channel\0";
+const UNVOUCHED_SCOPE: &[u8] = b"line-retry-proxy/scope/v2/token\0";
+const TOKEN_TAG: &[u8] = b"line-retry-proxy/token/v1\0";
 
-/// Who is asking: a hash of the Authorization value. Requests without one share the
-/// empty scope, which LINE rejects anyway.
-pub fn caller_scope(headers: &HeaderMap) -> [u8; 32] {
+/// The access token of `Authorization: Bearer <token>`. The scheme is matched in any
+/// letter case (RFC 9110 §11.1) and the spaces around the token are not part of it, so
+/// `Bearer  tok` and `bearer tok` are the same token.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The tag of a token (or, for a request without one, of its Authorization value):
+/// who may read a kept answer, and the name its channel is cached under.
+pub fn token_tag(token: &[u8]) -> TokenTag {
+    let mut h = Sha256::new();
+    h.update(TOKEN_TAG);
+    h.update(token);
+    let digest: [u8; 32] = h.finalize().into();
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&digest[..16]);
+    TokenTag(tag)
+}
+
+/// The scope of every token LINE says belongs to `channel`.
+pub fn channel_scope(channel: &ChannelId) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(CHANNEL_SCOPE);
+    h.update(channel.as_str().as_bytes());
+    h.finalize().into()
+}
+
+/// The scope of a token LINE did not vouch for (or a request with none): its own,
+/// apart from every channel's.
+pub fn unvouched_scope(tag: &TokenTag) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(UNVOUCHED_SCOPE);
+    h.update(tag.0);
+    h.finalize().into()
+}
+
+/// `key-scope = token`: a hash of the Authorization value, as the versions before
+/// channel scope derived it. Requests without one share the empty scope, which LINE
+/// rejects anyway.
+pub fn token_scope(headers: &HeaderMap) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(SCOPE_VERSION);
     if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
@@ -79,7 +129,7 @@ mod tests {
             http::header::AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
         );
-        caller_scope(&h)
+        token_scope(&h)
     }
 
     fn fp(
@@ -162,6 +212,38 @@ mod tests {
             fp(&a, "/p", None, b"{}", true),
             fp(&a, "/p", None, b"{} x", true)
         );
+    }
+
+    fn auth(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(value).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn the_bearer_token_ignores_scheme_case_and_spacing() {
+        for value in ["Bearer tok", "bearer tok", "BEARER  tok", " Bearer tok  "] {
+            assert_eq!(bearer_token(&auth(value)), Some("tok"), "{value:?}");
+        }
+        for value in ["Bearer", "Bearer   ", "Basic dXNlcg==", "tok", ""] {
+            assert_eq!(bearer_token(&auth(value)), None, "{value:?}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn scopes_of_channels_and_unvouched_tokens_never_meet() {
+        let a = ChannelId::parse("U0123456789abcdef0123456789abcdef").unwrap();
+        let b = ChannelId::parse("U0123456789abcdef0123456789abcdee").unwrap();
+        assert_eq!(channel_scope(&a), channel_scope(&a.clone()));
+        assert_ne!(channel_scope(&a), channel_scope(&b));
+        let tag = token_tag(b"tok");
+        assert_ne!(unvouched_scope(&tag), channel_scope(&a));
+        assert_ne!(unvouched_scope(&tag), unvouched_scope(&token_tag(b"tok2")));
+        assert_ne!(unvouched_scope(&tag), token_scope(&auth("Bearer tok")));
     }
 
     proptest! {

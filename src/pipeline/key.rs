@@ -70,6 +70,39 @@ mod tests {
         assert_ne!(derive(&fp, hour, t0), derive(&fp, hour, t0 + hour));
     }
 
+    /// `key-scope = token` is the upgrade path: its keys must be, byte for byte, the
+    /// keys of the versions before channel scope. These were printed by version 0.1.
+    #[test]
+    fn token_scope_keys_are_those_of_the_versions_before_channels() {
+        use crate::pipeline::fingerprint::{fingerprint, token_scope, Request};
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer channel-token-1"),
+        );
+        let scope = token_scope(&headers);
+        let fp = fingerprint(
+            &Request {
+                scope: &scope,
+                method: &http::Method::POST,
+                path_and_query: "/v2/bot/message/push",
+                client_key: None,
+                body: br#"{"to":"U1","messages":[{"type":"text","text":"hi"}]}"#,
+            },
+            false,
+        );
+        assert_eq!(
+            derive(&fp, DAY, SystemTime::now()).to_string(),
+            "beaba90c-7cac-53e8-b111-bbf5b29fd027"
+        );
+        let hour = Duration::from_secs(3600);
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            derive(&fp, hour, at).to_string(),
+            "82fb0007-0249-5388-a688-6c3af2c814ba"
+        );
+    }
+
     proptest! {
         #[test]
         fn distinct_fingerprints_give_distinct_keys(a: [u8; 32], b: [u8; 32]) {

@@ -16,10 +16,12 @@
 //! a request arrived (base URL, absolute form, or decrypted from a CONNECT tunnel).
 
 pub mod canonical;
+mod channel;
 pub mod classify;
 mod detach;
 pub mod fingerprint;
 pub mod forward;
+mod issuance;
 pub mod key;
 pub mod read;
 pub mod respond;
@@ -36,14 +38,15 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::body::{BoxError, BoxFuture, ProxyBody};
-use crate::config::{EndpointPolicy, Policy};
-use crate::domain::{Answer, Endpoint, Outcome, RetryKey, RETRY_KEY_HEADER};
+use crate::config::{EndpointPolicy, KeyScope, Policy};
+use crate::domain::{Answer, ChannelId, Endpoint, Outcome, RetryKey, TokenTag, RETRY_KEY_HEADER};
 use crate::error::ProxyError;
 use crate::metrics::{InFlight, Metrics};
 use crate::retry::RetryBudget;
 use crate::store::{Claim, ClaimRequest, Store, Ticket};
 use crate::telemetry;
 use crate::upstream::Upstream;
+use channel::{Channels, Vouched};
 use classify::Route;
 use detach::{Detachable, Panicked};
 
@@ -85,6 +88,10 @@ pub struct Pipeline {
     pub intake: read::Intake,
     /// Fingerprint JSON bodies in canonical form (phase 3).
     pub canonical_json: bool,
+    /// What a fingerprint is scoped to: the token's channel, or the token (phase 3).
+    key_scope: KeyScope,
+    /// Tokens' channels, learned and being learned (phase 3a).
+    channels: Channels,
     settings: RwLock<Arc<Settings>>,
     clock: Clock,
 }
@@ -105,9 +112,17 @@ impl Pipeline {
             tasks: TaskTracker::new(),
             intake,
             canonical_json,
+            key_scope: KeyScope::Channel,
+            channels: Channels::default(),
             settings: RwLock::new(Arc::new(Settings::new(policy))),
             clock: Arc::new(SystemTime::now),
         }
+    }
+
+    /// The same pipeline with fingerprints scoped otherwise.
+    pub fn with_key_scope(mut self, key_scope: KeyScope) -> Self {
+        self.key_scope = key_scope;
+        self
     }
 
     /// The same pipeline on another clock.
@@ -166,17 +181,29 @@ impl Pipeline {
                 span.record("endpoint", endpoint.name());
                 self.keyed(endpoint, req, &in_flight).instrument(span).await
             }
-            Route::Passthrough => match forward::to_line(self, req).instrument(span).await {
-                Ok(response) => Exchange {
-                    upstream_status: Some(response.status()),
-                    response,
-                    endpoint: None,
-                    outcome: Outcome::Passthrough,
-                    key: None,
-                    attempts: 1,
-                },
-                Err(err) => Exchange::failed(None, &err),
-            },
+            Route::Passthrough => {
+                let forwarded = if issuance::is_issuance(&method, &path) {
+                    // Boxed before the call: the body's own error type stays out of the
+                    // `Send` check of a future the compiler cannot prove general enough.
+                    issuance::forward_issuance(self, req.map(crate::body::boxed))
+                        .instrument(span)
+                        .await
+                } else {
+                    forward::to_line(self, req).instrument(span).await
+                };
+                match forwarded {
+                    Ok(response) => Exchange {
+                        upstream_status: Some(response.status()),
+                        response,
+                        endpoint: None,
+                        outcome: Outcome::Passthrough,
+                        key: None,
+                        attempts: 1,
+                        channel: None,
+                    },
+                    Err(err) => Exchange::failed(None, &err),
+                }
+            }
         };
 
         self.metrics.request(exchange.endpoint, exchange.outcome);
@@ -185,6 +212,12 @@ impl Pipeline {
             path: &path,
             endpoint: exchange.endpoint.map_or("other", Endpoint::name),
             key: exchange.key.as_ref(),
+            channel: exchange.channel.as_ref().map(ChannelId::as_str),
+            request_id: exchange
+                .response
+                .headers()
+                .get(settle::REQUEST_ID)
+                .and_then(|v| v.to_str().ok()),
             outcome: exchange.outcome.label(),
             attempts: exchange.attempts,
             status: exchange.response.status().as_u16(),
@@ -214,10 +247,21 @@ impl Pipeline {
         let client_key = client_key(&parts.headers);
         let path_and_query = parts.uri.path_and_query();
 
-        let scope = fingerprint::caller_scope(&parts.headers);
+        let deadline = Instant::now() + settings.policy.retry.deadline;
+        let caller = match self.caller(&parts.headers, deadline).await {
+            Ok(caller) => caller,
+            Err(err) => {
+                tracing::warn!(
+                    endpoint = endpoint.name(),
+                    reason = %err,
+                    "not sending: the token's channel is unknown, and a key under any other scope could deliver twice"
+                );
+                return Exchange::failed(Some(endpoint), &err);
+            }
+        };
         let fp = fingerprint::fingerprint(
             &fingerprint::Request {
-                scope: &scope,
+                scope: &caller.scope,
                 method: &parts.method,
                 path_and_query: path_and_query.map_or("/", |p| p.as_str()),
                 client_key: client_key.as_ref().map(HeaderValue::as_bytes),
@@ -242,35 +286,56 @@ impl Pipeline {
                 body: body.clone(),
             }
         };
-
+        let send = KeyedSend {
+            settings,
+            endpoint,
+            policy,
+            caller: &caller,
+        };
         let now = (self.clock)();
         let claim = ClaimRequest {
             fp,
-            lease: settings.policy.retry.deadline + LEASE_MARGIN,
+            lease: send.settings.policy.retry.deadline + LEASE_MARGIN,
             window: policy.dedup_window,
             now,
         };
+        let (key, ticket) = match self.claim(claim, &caller).await {
+            Claimed::Answered(answer, outcome) => {
+                return Exchange::answered(endpoint, &answer, outcome, &caller)
+            }
+            // Another token's answer is LINE's to give: the send goes out again under
+            // the very key that answer was obtained with, and LINE judges the token
+            // (its 409 becomes the original success, its 401 reaches the bot).
+            Claimed::NotYours(answer) => (answer.key.clone(), None),
+            Claimed::Owner { ticket, first_seen } => (key_for(first_seen), Some(ticket)),
+            Claimed::NoStore => (key_for(now), None),
+        };
+        let out = outbound(&key);
+        self.own(&send, key, out, ticket, (in_flight.clone(), charge))
+            .await
+    }
+
+    /// Phase 5, claim: replay, coalesce, or own the send. An answer is given only to
+    /// the token that obtained it.
+    async fn claim(&self, claim: ClaimRequest, caller: &Caller) -> Claimed {
         for _ in 0..MAX_CLAIMS {
             match self.store.claim(claim).await {
-                Ok(Claim::Done(answer)) => {
-                    return Exchange::answered(endpoint, &answer, Outcome::Replayed)
+                Ok(Claim::Done(answer)) if caller.owns(&answer) => {
+                    return Claimed::Answered(answer, Outcome::Replayed)
                 }
+                Ok(Claim::Done(answer)) => return Claimed::NotYours(answer),
                 Ok(Claim::InFlight(waiting)) => {
                     match tokio::time::timeout(claim.lease, waiting).await {
-                        Ok(Some(answer)) => {
-                            return Exchange::answered(endpoint, &answer, Outcome::Coalesced)
+                        Ok(Some(answer)) if caller.owns(&answer) => {
+                            return Claimed::Answered(answer, Outcome::Coalesced)
                         }
+                        Ok(Some(answer)) => return Claimed::NotYours(answer),
                         // The owner vanished or outlived its lease: claim again.
                         _ => continue,
                     }
                 }
                 Ok(Claim::Owner { ticket, first_seen }) => {
-                    let key = key_for(first_seen);
-                    let out = outbound(&key);
-                    let held = (in_flight.clone(), charge);
-                    return self
-                        .own(settings, endpoint, policy, key, out, Some(ticket), held)
-                        .await;
+                    return Claimed::Owner { ticket, first_seen }
                 }
                 Err(err) => {
                     // Counted here; a shared store logs its outage once, not per send.
@@ -280,11 +345,42 @@ impl Pipeline {
                 }
             }
         }
-        let key = key_for(now);
-        let out = outbound(&key);
-        let held = (in_flight.clone(), charge);
-        self.own(settings, endpoint, policy, key, out, None, held)
-            .await
+        Claimed::NoStore
+    }
+
+    /// Phase 3a: who is sending, as far as keys and replays are concerned.
+    async fn caller(&self, headers: &HeaderMap, deadline: Instant) -> Result<Caller, ProxyError> {
+        let token = fingerprint::bearer_token(headers);
+        let tag = match token {
+            Some(token) => fingerprint::token_tag(token.as_bytes()),
+            None => fingerprint::token_tag(
+                headers
+                    .get(http::header::AUTHORIZATION)
+                    .map_or(&b""[..], HeaderValue::as_bytes),
+            ),
+        };
+        let (scope, channel) = match (self.key_scope, token) {
+            (KeyScope::Token, _) => (fingerprint::token_scope(headers), None),
+            // LINE refuses a request without a token; there is nothing to look up.
+            (KeyScope::Channel, None) => (fingerprint::unvouched_scope(&tag), None),
+            (KeyScope::Channel, Some(token)) => match self.channel_of(token, tag, deadline).await {
+                Ok(Vouched::Channel(channel)) => {
+                    (fingerprint::channel_scope(&channel), Some(channel))
+                }
+                Ok(Vouched::Rejected) => (fingerprint::unvouched_scope(&tag), None),
+                Err(failed) => {
+                    return Err(ProxyError::ChannelUnknown {
+                        attempts: failed.attempts,
+                        last: failed.last,
+                    })
+                }
+            },
+        };
+        Ok(Caller {
+            tag,
+            scope,
+            channel,
+        })
     }
 
     /// Phases 6–7. The upstream work runs in the request's own task while the bot
@@ -292,24 +388,26 @@ impl Pipeline {
     /// its own the moment the bot goes away: a disconnect never cancels it, so the
     /// bot's resend finds the result. It holds the request's place in the in-flight
     /// gauge and its body's share of `buffer-limit` until it ends.
-    #[allow(clippy::too_many_arguments)]
     async fn own(
         self: &Arc<Self>,
-        settings: Arc<Settings>,
-        endpoint: Endpoint,
-        policy: EndpointPolicy,
+        send: &KeyedSend<'_>,
         key: RetryKey,
         out: send::Outbound,
         ticket: Option<Box<dyn Ticket>>,
         held: (InFlight, read::Charge),
     ) -> Exchange {
         tracing::Span::current().record("key", tracing::field::display(&key));
+        let endpoint = send.endpoint;
         if key.is_derived() {
             self.metrics.key_injected(endpoint);
         } else {
             self.metrics.client_key(endpoint);
         }
         let pipeline = self.clone();
+        let settings = send.settings.clone();
+        let retry = send.policy.retry;
+        let owner = send.caller.tag;
+        let channel = send.caller.channel.clone();
         // Boxed to a plain `'static` future at once: left to a generic bound, the
         // compiler loses the body error's lifetime in the `Send` check.
         let work: BoxFuture<'static, Arc<Answer>> = Box::pin(
@@ -318,14 +416,15 @@ impl Pipeline {
                 let sender = send::Sender {
                     upstream: pipeline.upstream.as_ref(),
                     policy: &settings.policy.retry,
-                    retry: policy.retry,
+                    retry,
                     budget: &settings.budget,
                     metrics: &pipeline.metrics,
                     endpoint,
                     key: &key,
+                    channel: channel.as_ref(),
                 };
                 let sent = sender.send(&out).await;
-                let settled = settle::settle(endpoint, key, sent);
+                let settled = settle::settle(endpoint, key, owner, sent);
                 if let Some(ticket) = ticket {
                     if let Err(err) = ticket.settle(settled.answer.clone(), settled.keep).await {
                         pipeline.metrics.store_error();
@@ -337,7 +436,7 @@ impl Pipeline {
             .instrument(tracing::Span::current()),
         );
         match Detachable::new(work, &self.tasks).await {
-            Ok(answer) => Exchange::answered(endpoint, &answer, answer.outcome),
+            Ok(answer) => Exchange::answered(endpoint, &answer, answer.outcome, send.caller),
             // Its ticket was dropped on the way out: waiters claim again.
             Err(Panicked) => Exchange::failed(
                 Some(endpoint),
@@ -345,6 +444,45 @@ impl Pipeline {
             ),
         }
     }
+}
+
+/// What the claim came to.
+enum Claimed {
+    /// This caller's own answer, kept or just settled by another request.
+    Answered(Arc<Answer>, Outcome),
+    /// An answer obtained with another token.
+    NotYours(Arc<Answer>),
+    Owner {
+        ticket: Box<dyn Ticket>,
+        first_seen: SystemTime,
+    },
+    /// The store is out of reach, or its owners keep vanishing: send without it.
+    NoStore,
+}
+
+/// Who sends, as phase 3a found it.
+struct Caller {
+    /// The token's tag: who may read a kept answer.
+    tag: TokenTag,
+    /// What the fingerprint is scoped to.
+    scope: [u8; 32],
+    /// The channel LINE vouched for, when it did.
+    channel: Option<ChannelId>,
+}
+
+impl Caller {
+    /// Whether a kept answer may be given to this caller without asking LINE.
+    fn owns(&self, answer: &Answer) -> bool {
+        answer.owner == Some(self.tag)
+    }
+}
+
+/// One keyed send's fixed facts, shared by its phases.
+struct KeyedSend<'a> {
+    settings: Arc<Settings>,
+    endpoint: Endpoint,
+    policy: EndpointPolicy,
+    caller: &'a Caller,
 }
 
 /// What happened to one request: the answer, and what the access log and metrics say.
@@ -355,10 +493,12 @@ struct Exchange {
     key: Option<RetryKey>,
     attempts: u32,
     upstream_status: Option<StatusCode>,
+    /// The channel the send was keyed under, for the access line.
+    channel: Option<ChannelId>,
 }
 
 impl Exchange {
-    fn answered(endpoint: Endpoint, answer: &Answer, outcome: Outcome) -> Self {
+    fn answered(endpoint: Endpoint, answer: &Answer, outcome: Outcome, caller: &Caller) -> Self {
         Exchange {
             response: respond::answer_response(answer, outcome),
             endpoint: Some(endpoint),
@@ -370,6 +510,7 @@ impl Exchange {
                 answer.attempts
             },
             upstream_status: answer.upstream_status,
+            channel: caller.channel.clone(),
         }
     }
 
@@ -381,6 +522,7 @@ impl Exchange {
             key: None,
             attempts: 0,
             upstream_status: None,
+            channel: None,
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::body::{full, ProxyBody};
 use crate::config::RetryPolicy;
-use crate::domain::{AttemptFailure, Endpoint, RetryKey};
+use crate::domain::{AttemptFailure, ChannelId, Endpoint, RetryKey};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::retry::{ExponentialBackoff, RetryBudget};
@@ -55,6 +55,8 @@ pub struct Sender<'a> {
     pub endpoint: Endpoint,
     /// Named by the lines logged when the proxy gives up, so they say which send.
     pub key: &'a RetryKey,
+    /// The channel the send was keyed under, when LINE vouched for one: named there too.
+    pub channel: Option<&'a ChannelId>,
 }
 
 impl Sender<'_> {
@@ -109,6 +111,7 @@ impl Sender<'_> {
                 tracing::warn!(
                     endpoint = self.endpoint.name(),
                     key = %self.key,
+                    channel = self.channel.map(ChannelId::as_str),
                     attempts = attempt,
                     reason = failure.label(),
                     "giving up on the upstream (RUST_LOG=line_retry_proxy=debug shows each attempt's cause)"
@@ -120,6 +123,7 @@ impl Sender<'_> {
                 tracing::warn!(
                     endpoint = self.endpoint.name(),
                     key = %self.key,
+                    channel = self.channel.map(ChannelId::as_str),
                     attempt,
                     reason = failure.label(),
                     "retry budget exhausted, not retrying"
@@ -190,7 +194,7 @@ impl Sender<'_> {
 
 /// LINE's whole answer body, up to [`MAX_ANSWER_BYTES`]. A body that breaks off (or
 /// never ends within bounds) is a failed attempt: LINE may have accepted the request.
-async fn read_answer(mut body: ProxyBody) -> Result<Bytes, AttemptFailure> {
+pub(super) async fn read_answer(mut body: ProxyBody) -> Result<Bytes, AttemptFailure> {
     // The usual answer is one small frame: kept as it is, without a copy.
     let mut first = Bytes::new();
     let mut more = BytesMut::new();

@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::respond::error_parts;
 use super::send::Sent;
-use crate::domain::{Answer, Endpoint, KeptHeaders, Outcome, RetryKey};
+use crate::domain::{Answer, Endpoint, KeptHeaders, Outcome, RetryKey, TokenTag};
 use crate::error::ProxyError;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-line-request-id");
@@ -35,7 +35,14 @@ pub struct Settled {
     pub keep: bool,
 }
 
-pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>) -> Settled {
+/// `owner` is the token the send went out with: the only one a kept answer is replayed to.
+pub fn settle(
+    endpoint: Endpoint,
+    key: RetryKey,
+    owner: TokenTag,
+    sent: Result<Sent, ProxyError>,
+) -> Settled {
+    let owner = Some(owner);
     let sent = match sent {
         Ok(sent) => sent,
         Err(err) => {
@@ -48,6 +55,7 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
                 outcome: Outcome::Error,
                 attempts: attempts_of(&err),
                 upstream_status: None,
+                owner,
             };
             return Settled {
                 answer: Arc::new(answer),
@@ -71,6 +79,7 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
                 outcome: Outcome::ConflictResolved,
                 attempts: sent.attempts,
                 upstream_status,
+                owner,
             };
             return Settled {
                 answer: Arc::new(answer),
@@ -98,6 +107,7 @@ pub fn settle(endpoint: Endpoint, key: RetryKey, sent: Result<Sent, ProxyError>)
         outcome,
         attempts: sent.attempts,
         upstream_status,
+        owner,
     };
     Settled {
         answer: Arc::new(answer),
@@ -155,6 +165,8 @@ mod tests {
         }
     }
 
+    const OWNER: TokenTag = TokenTag([3; 16]);
+
     fn derived() -> RetryKey {
         RetryKey::Derived(uuid::Uuid::nil())
     }
@@ -164,6 +176,7 @@ mod tests {
         let s = settle(
             Endpoint::Push,
             derived(),
+            OWNER,
             Ok(conflict(
                 r#"{"message":"The retry key is already accepted","sentMessages":[{"id":"1","quoteToken":"q"}]}"#,
             )),
@@ -171,6 +184,7 @@ mod tests {
         assert!(s.keep);
         assert_eq!(s.answer.status, StatusCode::OK);
         assert_eq!(s.answer.outcome, Outcome::ConflictResolved);
+        assert_eq!(s.answer.owner, Some(OWNER));
         assert!(s
             .answer
             .headers
@@ -187,6 +201,7 @@ mod tests {
         let s = settle(
             Endpoint::Narrowcast,
             derived(),
+            OWNER,
             Ok(conflict(r#"{"message":"x"}"#)),
         );
         assert_eq!(s.answer.status, StatusCode::ACCEPTED);
@@ -198,7 +213,7 @@ mod tests {
         let key = RetryKey::Client(HeaderValue::from_static(
             "123e4567-e89b-12d3-a456-426614174000",
         ));
-        let s = settle(Endpoint::Push, key, Ok(conflict("{}")));
+        let s = settle(Endpoint::Push, key, OWNER, Ok(conflict("{}")));
         assert_eq!(s.answer.status, StatusCode::CONFLICT);
         assert!(!s.keep);
     }
@@ -211,21 +226,21 @@ mod tests {
             body: Bytes::new(),
             attempts: 1,
         };
-        assert!(settle(Endpoint::Broadcast, derived(), Ok(ok)).keep);
+        assert!(settle(Endpoint::Broadcast, derived(), OWNER, Ok(ok)).keep);
         let bad = Sent {
             status: StatusCode::BAD_GATEWAY,
             headers: HeaderMap::new(),
             body: Bytes::new(),
             attempts: 3,
         };
-        let s = settle(Endpoint::Broadcast, derived(), Ok(bad));
+        let s = settle(Endpoint::Broadcast, derived(), OWNER, Ok(bad));
         assert!(!s.keep);
         assert_eq!(s.answer.outcome, Outcome::Error);
         let err = ProxyError::UpstreamUnreachable {
             attempts: 4,
             last: AttemptFailure::Timeout,
         };
-        let s = settle(Endpoint::Broadcast, derived(), Err(err));
+        let s = settle(Endpoint::Broadcast, derived(), OWNER, Err(err));
         assert!(!s.keep);
         assert_eq!(s.answer.status, StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(s.answer.attempts, 4);

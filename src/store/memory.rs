@@ -401,6 +401,7 @@ mod tests {
             outcome: Outcome::Fresh,
             attempts: 1,
             upstream_status: Some(StatusCode::OK),
+            owner: None,
         })
     }
 

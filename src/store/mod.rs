@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::body::BoxFuture;
-use crate::domain::{Answer, Fingerprint, StoreStats};
+use crate::domain::{Answer, ChannelId, Fingerprint, StoreStats, TokenTag};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,8 +93,32 @@ pub trait Ticket: Send {
     ) -> BoxFuture<'static, Result<(), StoreError>>;
 }
 
+/// A name a channel is known by, in the directory a shared store keeps for every
+/// replica: a token (by its tag), or LINE's numeric channel id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelName {
+    Token(TokenTag),
+    Id(Box<str>),
+}
+
 pub trait Store: Send + Sync + 'static {
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Claim, StoreError>>;
+
+    /// The channel `name` belongs to, as a replica (or this process before a restart)
+    /// recorded it. The embedded store keeps no directory: the proxy's own cache is it.
+    fn channel(&self, _name: &ChannelName) -> BoxFuture<'_, Result<Option<ChannelId>, StoreError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Records that `name` belongs to `channel`, for `ttl`.
+    fn record_channel(
+        &self,
+        _name: &ChannelName,
+        _channel: &ChannelId,
+        _ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 
     /// What the store holds, as of the last [`Store::refresh`] for a shared store.
     fn stats(&self) -> StoreStats;

@@ -4,6 +4,7 @@
 //! ```text
 //! <first seen, ms since the epoch, ASCII> ':'   read by Redis' claim script for the window
 //! version u8 | status u16 | outcome u8 | attempts u16 | upstream status u16 (0: none)
+//! owner:   0 (none) | 1, 16 bytes (the token tag the answer is replayed to); since v2
 //! key:     0, 16 bytes (derived UUID)  |  1, len u16, bytes (the bot's own)
 //! headers: count u8, then per header: name (index u8 into KNOWN, or 0, len u8, bytes),
 //!          value (0, len u16, bytes | 1, 16 bytes: a lower-case UUID, as LINE's request
@@ -12,6 +13,8 @@
 //! ```
 //! Integers are big-endian. Decoding checks every length and every value and returns
 //! `None` for anything else: bytes in a shared Redis are input like any other.
+//! A version 1 record (written before answers knew their token) reads back with no
+//! owner, so it is replayed to no one and its send goes to LINE under its key again.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,9 +23,11 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderName, HeaderValue, StatusCode};
 use uuid::Uuid;
 
-use crate::domain::{Answer, Outcome, RetryKey};
+use crate::domain::{Answer, Outcome, RetryKey, TokenTag};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Records without an owner; still read.
+const VERSION_WITHOUT_OWNER: u8 = 1;
 
 /// The headers LINE's answers carry, stored as one byte each (index + 1).
 const KNOWN: [HeaderName; 5] = [
@@ -61,6 +66,13 @@ pub fn encode(first_seen: SystemTime, answer: &Answer) -> Vec<u8> {
             .map_or(0, |s| s.as_u16())
             .to_be_bytes(),
     );
+    match &answer.owner {
+        Some(tag) => {
+            out.push(1);
+            out.extend_from_slice(&tag.0);
+        }
+        None => out.push(0),
+    }
     match &answer.key {
         RetryKey::Derived(uuid) => {
             out.push(0);
@@ -147,7 +159,8 @@ pub fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
     let colon = record.iter().position(|&b| b == b':')?;
     let first_seen = std::str::from_utf8(&record[..colon]).ok()?.parse().ok()?;
     let mut r = Reader(&record[colon + 1..]);
-    if r.u8()? != VERSION {
+    let version = r.u8()?;
+    if version != VERSION && version != VERSION_WITHOUT_OWNER {
         return None;
     }
     let status = StatusCode::from_u16(r.u16()?).ok()?;
@@ -156,6 +169,14 @@ pub fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
     let upstream_status = match r.u16()? {
         0 => None,
         s => Some(StatusCode::from_u16(s).ok()?),
+    };
+    let owner = match version {
+        VERSION_WITHOUT_OWNER => None,
+        _ => match r.u8()? {
+            0 => None,
+            1 => Some(TokenTag(r.take(16)?.try_into().ok()?)),
+            _ => return None,
+        },
     };
     let key = match r.u8()? {
         0 => RetryKey::Derived(Uuid::from_slice(r.take(16)?).ok()?),
@@ -185,6 +206,7 @@ pub fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
         outcome,
         attempts,
         upstream_status,
+        owner,
     };
     Some((from_millis(first_seen), answer))
 }
@@ -238,6 +260,7 @@ mod tests {
             outcome: Outcome::ConflictResolved,
             attempts: 3,
             upstream_status: Some(StatusCode::CONFLICT),
+            owner: Some(TokenTag([7; 16])),
         }
     }
 
@@ -249,6 +272,7 @@ mod tests {
         assert_eq!(a.outcome, b.outcome);
         assert_eq!(a.attempts, b.attempts);
         assert_eq!(a.upstream_status, b.upstream_status);
+        assert_eq!(a.owner, b.owner);
     }
 
     #[test]
@@ -269,7 +293,29 @@ mod tests {
         client.upstream_status = None;
         client.headers = Box::new([]);
         client.body = Bytes::new();
+        client.owner = None;
         same(&decode(&encode(seen, &client)).unwrap().1, &client);
+    }
+
+    /// Written by the version before owners: byte for byte what it wrote for
+    /// [`push_answer`] with its headers cut to two.
+    #[test]
+    fn a_version_1_record_reads_back_with_no_owner() {
+        let mut answer = push_answer();
+        answer.headers = answer.headers[..2].into();
+        let v2 = encode(from_millis(1_700_000_000_123), &answer);
+        let colon = v2.iter().position(|&b| b == b':').unwrap();
+        // v1: the same bytes with version 1 and no owner field, which follows the
+        // version byte and the 7 bytes of status, outcome, attempts and upstream status.
+        let mut v1 = v2[..colon + 1].to_vec();
+        v1.push(VERSION_WITHOUT_OWNER);
+        v1.extend_from_slice(&v2[colon + 2..colon + 9]);
+        v1.extend_from_slice(&v2[colon + 9 + 17..]);
+        let (_, back) = decode(&v1).expect("a version 1 record is read");
+        assert_eq!(back.owner, None);
+        assert_eq!(back.key, answer.key);
+        assert_eq!(back.body, answer.body);
+        assert_eq!(back.headers, answer.headers);
     }
 
     #[test]
@@ -277,8 +323,8 @@ mod tests {
         let mut answer = push_answer();
         answer.headers = answer.headers[..2].into();
         let overhead = encode(SystemTime::now(), &answer).len() - answer.body.len();
-        // 14 for the time, 8 fixed, 17 for the key, 21 for both headers.
-        assert!(overhead <= 64, "{overhead} bytes beside the body");
+        // 14 for the time, 8 fixed, 17 for the owner, 17 for the key, 21 for both headers.
+        assert!(overhead <= 80, "{overhead} bytes beside the body");
     }
 
     #[test]
@@ -310,6 +356,8 @@ mod tests {
         let colon = record.iter().position(|&b| b == b':').unwrap();
         let mut other = record.clone();
         other[colon + 1] = VERSION + 1;
+        assert!(decode(&other).is_none());
+        other[colon + 1] = 0;
         assert!(decode(&other).is_none());
         assert!(decode(b"").is_none());
         assert!(decode(b"x:").is_none());

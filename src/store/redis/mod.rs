@@ -6,6 +6,8 @@
 //! | `lrp:a:<fp>` | the answer ([`record`]), with its first sighting | when the window has passed since the first sighting |
 //! | `lrp:l:<fp>` | the owner's token: a send in flight | with its lease (the owner's deadline plus a margin) |
 //! | `lrp:s:<fp>` | the first sighting (ms), for windows under 24 h only | with the window |
+//! | `lrp:t:<token tag>` | the channel (bot user ID) of a token | with the token, a day at most |
+//! | `lrp:c:<channel id>` | the bot user ID of LINE's numeric channel id | after a day |
 //!
 //! A claim is one script, one round trip: a kept answer inside the window in force is
 //! replayed; else a lease held by another owner means wait; else the lease is taken
@@ -37,9 +39,9 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{record, Claim, ClaimRequest, Store, StoreError};
+use super::{record, ChannelName, Claim, ClaimRequest, Store, StoreError};
 use crate::body::BoxFuture;
-use crate::domain::{Answer, Fingerprint, StoreStats, LINE_KEY_LIFETIME};
+use crate::domain::{Answer, ChannelId, Fingerprint, StoreStats, LINE_KEY_LIFETIME};
 use health::Health;
 use ticket::RedisTicket;
 use waiters::{Waiter, Waiters};
@@ -223,6 +225,22 @@ fn key(kind: u8, fp: &Fingerprint) -> Vec<u8> {
     key
 }
 
+/// `lrp:t:<tag>` (16 raw bytes) or `lrp:c:<channel id>`.
+fn channel_key(name: &ChannelName) -> Vec<u8> {
+    let mut key = b"lrp:".to_vec();
+    match name {
+        ChannelName::Token(tag) => {
+            key.extend_from_slice(b"t:");
+            key.extend_from_slice(&tag.0);
+        }
+        ChannelName::Id(id) => {
+            key.extend_from_slice(b"c:");
+            key.extend_from_slice(id.as_bytes());
+        }
+    }
+    key
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -388,6 +406,34 @@ impl Shared {
 impl Store for RedisStore {
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Claim, StoreError>> {
         Box::pin(self.shared.claim(req))
+    }
+
+    fn channel(&self, name: &ChannelName) -> BoxFuture<'_, Result<Option<ChannelId>, StoreError>> {
+        let key = channel_key(name);
+        Box::pin(async move {
+            let mut conn = self.shared.conn.clone();
+            let mut get = ::redis::cmd("GET");
+            get.arg(key);
+            let found: Option<Vec<u8>> = self.shared.call(get.query_async(&mut conn)).await?;
+            // Whatever else is there was not written by this proxy: a miss.
+            Ok(found.and_then(|v| ChannelId::parse(std::str::from_utf8(&v).ok()?)))
+        })
+    }
+
+    fn record_channel(
+        &self,
+        name: &ChannelName,
+        channel: &ChannelId,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let key = channel_key(name);
+        let value = channel.as_str().to_owned();
+        Box::pin(async move {
+            let mut conn = self.shared.conn.clone();
+            let mut set = ::redis::cmd("SET");
+            set.arg(key).arg(value).arg("PX").arg(millis(ttl).max(1));
+            self.shared.call(set.query_async::<()>(&mut conn)).await
+        })
     }
 
     fn stats(&self) -> StoreStats {

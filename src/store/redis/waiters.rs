@@ -120,6 +120,7 @@ mod tests {
             outcome: crate::domain::Outcome::Fresh,
             attempts: 1,
             upstream_status: None,
+            owner: None,
         })
     }
 
