@@ -26,6 +26,9 @@ use tokio_util::task::TaskTracker;
 
 /// The one endpoint the demo's bot uses.
 pub const PUSH: &str = "/v2/bot/message/push";
+const BOT_INFO: &str = "/v2/bot/info";
+/// The demo's one bot: every token belongs to its channel.
+const BOT_USER_ID: &str = "U00000000000000000000000000000de0";
 
 /// What can go wrong with one request, as it goes wrong at LINE's edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -235,10 +238,19 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
             .get(name)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
+    let authorization = header("authorization").unwrap_or_default();
+    // The proxy asks which channel a token belongs to: the demo has one bot.
+    if parts.method == Method::GET && parts.uri.path() == BOT_INFO {
+        if authorization.strip_prefix("Bearer ").is_none_or(str::is_empty) {
+            let text = "Authentication failed. Confirm that the access token in the authorization header is valid.";
+            return Ok(message(StatusCode::UNAUTHORIZED, "-", text));
+        }
+        let body = serde_json::json!({"userId": BOT_USER_ID, "basicId": "@demo", "displayName": "demo"});
+        return Ok(json_answer(StatusCode::OK, "-", &body));
+    }
     if parts.method != Method::POST || parts.uri.path() != PUSH {
         return Ok(message(StatusCode::NOT_FOUND, "-", "Not found"));
     }
-    let authorization = header("authorization").unwrap_or_default();
     let key = header("x-line-retry-key");
     let (fault, id) = {
         let mut log = state.log();
