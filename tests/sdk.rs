@@ -262,6 +262,68 @@ async fn python_v3_client_with_base_url() {
     push_twice("v3-base-url", python_push).await;
 }
 
+/// A bot that refreshes its token: each run issues a new stateless token with the
+/// SDK's own ChannelAccessToken API through the proxy, then pushes with it. The second
+/// run (the resend) carries another token of the same channel: LINE's 409 fences it,
+/// and the bot gets the original answer. The channel is learned once, at the first
+/// issuance; the second token needs no lookup.
+async fn stateless_rotation(mode: &'static str) {
+    let mock = MockLine::start().await;
+    let proxy = Proxy::start(&mock, &[]).await;
+    let channel = mock.channel();
+    let target = Target::of(&proxy);
+    let text = format!("hello from {mode}");
+    let run_once = {
+        let (target, channel, text) = (target.clone(), channel.clone(), text.clone());
+        move || {
+            let mut cmd = command(&python());
+            cmd.arg(repo().join("tests/sdk/python_push.py"))
+                .arg(mode)
+                .env("LRP_TEXT", &text)
+                .env("LRP_CHANNEL_ID", &channel.id)
+                .env("LRP_CHANNEL_SECRET", &channel.secret)
+                .env("LRP_BASE_URL", &target.url)
+                .env("LRP_PROXY_URL", &target.url)
+                .env("LRP_CA_FILE", &target.ca);
+            run(cmd, mode)
+        }
+    };
+    let runs = tokio::task::spawn_blocking(move || (run_once(), run_once()));
+    let (first, again) = support::within(std::time::Duration::from_secs(300), mode, runs)
+        .await
+        .unwrap();
+
+    let delivered = mock.deliveries_for(&channel);
+    assert_eq!(delivered.len(), 1, "{mode}: exactly one delivery");
+    let issued: Vec<_> = mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/oauth2/v3/token")
+        .collect();
+    assert_eq!(issued.len(), 2, "{mode}: each run issued its own token");
+    assert_eq!(first.json["status"], 200, "{:?}", first.json);
+    assert_eq!(first.json["outcome"], "fresh", "{:?}", first.json);
+    assert_eq!(again.json["status"], 200, "{:?}", again.json);
+    assert_eq!(again.json["outcome"], "conflict-resolved", "{:?}", again.json);
+    assert_eq!(first.json["sent_messages"], again.json["sent_messages"]);
+    assert_eq!(first.json["retry_key"], again.json["retry_key"]);
+    assert!(
+        mock.lookup_count() <= 1,
+        "{mode}: {} lookups for one channel",
+        mock.lookup_count()
+    );
+}
+
+#[tokio::test]
+async fn python_v3_stateless_token_issued_through_the_proxy_setting() {
+    stateless_rotation("v3-stateless-proxy").await;
+}
+
+#[tokio::test]
+async fn python_v3_stateless_token_issued_through_the_base_url() {
+    stateless_rotation("v3-stateless-base-url").await;
+}
+
 /// A Node that honours NODE_USE_ENV_PROXY, installed by setup-sdk-env.sh when npm could.
 fn node() -> Result<PathBuf, String> {
     let record = repo().join("tests/sdk/node/.node-path");

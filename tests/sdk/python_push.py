@@ -9,6 +9,11 @@ Usage: python_push.py MODE, MODE one of
                    Configuration.proxy = LRP_PROXY_URL and Configuration.ssl_ca_cert =
                    LRP_CA_FILE (its urllib3 client ignores HTTPS_PROXY)
   v3-base-url      linebot.v3.messaging with Configuration(host=LRP_BASE_URL)
+  v3-stateless-proxy, v3-stateless-base-url
+                   as v3-proxy / v3-base-url, but the token is first issued with the SDK's
+                   own ChannelAccessToken API (a stateless token, POST /oauth2/v3/token)
+                   through the same proxy, from LRP_CHANNEL_ID and LRP_CHANNEL_SECRET, as a
+                   bot that refreshes its token does; the push then uses that token
   tunnel           a plain requests.post of the push to LRP_TUNNEL_URL, another host a
                    bot talks to through the same HTTPS_PROXY (api-data.line.me, say),
                    which the proxy tunnels untouched; REQUESTS_CA_BUNDLE decides trust
@@ -26,7 +31,15 @@ import os
 import sys
 import warnings
 
-MODES = ("legacy-proxy", "legacy-base-url", "v3-proxy", "v3-base-url", "tunnel")
+MODES = (
+    "legacy-proxy",
+    "legacy-base-url",
+    "v3-proxy",
+    "v3-base-url",
+    "v3-stateless-proxy",
+    "v3-stateless-base-url",
+    "tunnel",
+)
 
 
 def header(headers, name):
@@ -84,8 +97,8 @@ def v3(mode):
         TextMessage,
     )
 
-    token = os.environ["LRP_TOKEN"]
-    if mode == "v3-base-url":
+    token = stateless_token(mode) if "stateless" in mode else os.environ["LRP_TOKEN"]
+    if mode.endswith("base-url"):
         configuration = Configuration(host=os.environ["LRP_BASE_URL"], access_token=token)
     else:
         # The v3 client ignores HTTPS_PROXY. Written as the README shows it: the CA
@@ -99,6 +112,23 @@ def v3(mode):
         answer = MessagingApi(client).push_message_with_http_info(request)
     sent = [{"id": m.id, "quoteToken": m.quote_token} for m in answer.data.sent_messages]
     return result(answer.status_code, sent, answer.headers)
+
+
+def stateless_token(mode):
+    """A stateless token issued with the SDK's oauth client, reaching LINE as the push
+    does: through the proxy's base URL, or through it as an HTTPS proxy."""
+    from linebot.v3.oauth import ApiClient, ChannelAccessToken, Configuration
+
+    if mode.endswith("base-url"):
+        configuration = Configuration(host=os.environ["LRP_BASE_URL"])
+    else:
+        configuration = Configuration(ssl_ca_cert=os.environ["LRP_CA_FILE"])
+        configuration.proxy = os.environ["LRP_PROXY_URL"]
+    with ApiClient(configuration) as client:
+        issued = ChannelAccessToken(client).issue_stateless_channel_token_by_client_secret(
+            os.environ["LRP_CHANNEL_ID"], os.environ["LRP_CHANNEL_SECRET"]
+        )
+    return issued.access_token
 
 
 def tunnel():
