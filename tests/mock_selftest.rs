@@ -1017,6 +1017,24 @@ async fn push_as(client: &Https, mock: &MockLine, token: &str, key: Option<&str>
         .expect("the mock answers")
 }
 
+/// Sends a request on a task of its own: the answer's status, or the error.
+fn spawn_send(
+    client: &Https,
+    method: Method,
+    url: String,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+) -> tokio::task::JoinHandle<Result<StatusCode, String>> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        try_send(&client, method, &url, &headers, &body)
+            .await
+            .map(|r| r.status)
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// The field names of a JSON object, sorted.
 fn fields(value: &Value) -> Vec<&str> {
     let mut names: Vec<&str> = value
@@ -1563,21 +1581,13 @@ async fn scripted_lookup_faults_hit_lookups_only() {
 
     // A hanging lookup hangs until the mock goes.
     mock.script_lookups([Fault::Hang]);
-    let hanging = {
-        let (client, url, bearer) = (client.clone(), url.clone(), bearer.clone());
-        tokio::spawn(async move {
-            try_send_unbounded(
-                &client,
-                Method::GET,
-                &url,
-                &[("authorization", &bearer)],
-                "",
-            )
-            .await
-            .map(|r| r.status)
-            .map_err(|e| e.to_string())
-        })
-    };
+    let hanging = spawn_send(
+        &client,
+        Method::GET,
+        url,
+        vec![("authorization", bearer)],
+        String::new(),
+    );
     mock.wait_lookups(5).await;
     assert!(!hanging.is_finished());
     mock.shutdown().await;
@@ -1594,33 +1604,20 @@ async fn hold_lookups_keeps_lookups_until_released() {
     let ch = mock.channel();
     let token = mock.issue_token(&ch, TokenKind::ShortLived);
     let hold = mock.hold_lookups();
-    let spawn = |verify: bool| {
-        let (client, base, token) = (client.clone(), mock.url(), token.clone());
-        tokio::spawn(async move {
-            let (method, url, headers, body) = if verify {
-                let body = form(&[("access_token", &token)]);
-                let url = format!("{base}/v2/oauth/verify");
-                (Method::POST, url, vec![(FORM.0, FORM.1.to_owned())], body)
-            } else {
-                let url = format!("{base}/v2/bot/info");
-                let bearer = format!("Bearer {token}");
-                (
-                    Method::GET,
-                    url,
-                    vec![("authorization", bearer)],
-                    String::new(),
-                )
-            };
-            let headers: Vec<(&str, &str)> =
-                headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
-            try_send(&client, method, &url, &headers, &body)
-                .await
-                .map(|r| r.status)
-                .map_err(|e| e.to_string())
-        })
-    };
-    let info = spawn(false);
-    let verify = spawn(true);
+    let info = spawn_send(
+        &client,
+        Method::GET,
+        format!("{}/v2/bot/info", mock.url()),
+        vec![("authorization", format!("Bearer {token}"))],
+        String::new(),
+    );
+    let verify = spawn_send(
+        &client,
+        Method::POST,
+        format!("{}/v2/oauth/verify", mock.url()),
+        vec![(FORM.0, FORM.1.to_owned())],
+        form(&[("access_token", &token)]),
+    );
     mock.wait_lookups_held(2).await;
     assert_eq!(mock.lookups_held(), 2);
     assert_eq!(mock.lookup_count(), 2, "logged on arrival");
