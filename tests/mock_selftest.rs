@@ -1140,6 +1140,7 @@ async fn short_lived_tokens_are_issued_for_the_channel_id_and_secret() {
         StatusCode::OK
     );
     assert_eq!(mock.deliveries_for(&ch).len(), 1);
+    assert_eq!(mock.deliveries()[0].channel, ch.id);
     assert_eq!(mock.channel_of(&token), ch);
     // Issuing is bot traffic: it is among the requests; nothing was a lookup.
     let paths: Vec<String> = mock.requests().into_iter().map(|r| r.path).collect();
@@ -1443,9 +1444,11 @@ async fn a_key_is_consumed_for_the_channel_not_the_token() {
     let bearer_a = format!("Bearer {token_a}");
     assert_eq!(mine[0].authorization.as_deref(), Some(bearer_a.as_str()));
     assert_eq!(mine[0].request_id, first.header("x-line-request-id"));
+    assert!(mine.iter().all(|d| d.channel == ch.id));
     let theirs = mock.deliveries_for(&other);
     assert_eq!(theirs.len(), 1);
     assert_eq!(theirs[0].retry_key.as_deref(), Some(KEY));
+    assert_eq!(theirs[0].channel, other.id);
     assert_eq!(mock.delivered_count(), 3);
 }
 
@@ -1665,6 +1668,8 @@ async fn an_unknown_token_is_a_channel_of_its_own() {
     assert_ne!(a.id, b.id);
     assert_eq!(mock.deliveries_for(&a).len(), 1);
     assert_eq!(mock.deliveries_for(&b).len(), 1);
+    let channels: Vec<String> = mock.deliveries().into_iter().map(|d| d.channel).collect();
+    assert_eq!(channels, [a.id.clone(), b.id.clone()]);
 
     // Its bot is derived from the token's text: U and SHA-256's first 32 hex digits.
     use sha2::Digest;

@@ -85,6 +85,8 @@ pub struct Delivery {
     pub request_id: String,
     pub body: Bytes,
     pub authorization: Option<String>,
+    /// The id of the channel of the token it was accepted under.
+    pub channel: String,
     /// What LINE answered for a push it accepted (and repeats in every 409 for its key).
     pub sent_messages: Option<Value>,
     pub at: Instant,
@@ -112,8 +114,6 @@ struct Log {
     faults: VecDeque<Fault>,
     requests: Vec<Recorded>,
     deliveries: Vec<Delivery>,
-    /// The channel of each delivery, by index.
-    delivered_to: Vec<String>,
     /// (channel id, key): LINE scopes retry keys per channel.
     accepted: HashMap<(String, String), Accepted>,
     registry: Registry,
@@ -430,9 +430,8 @@ impl MockLine {
         let log = self.state.log();
         log.deliveries
             .iter()
-            .zip(&log.delivered_to)
-            .filter(|(_, channel)| **channel == ch.id)
-            .map(|(delivery, _)| delivery.clone())
+            .filter(|d| d.channel == ch.id)
+            .cloned()
             .collect()
     }
 
@@ -859,13 +858,13 @@ fn deliver(
     sent_messages: Option<Value>,
     channel: &Channel,
 ) {
-    log.delivered_to.push(channel.id.clone());
     log.deliveries.push(Delivery {
         path: req.path.clone(),
         retry_key: req.key.clone(),
         request_id: id.to_owned(),
         body: req.body.clone(),
         authorization: req.authorization.clone(),
+        channel: channel.id.clone(),
         sent_messages,
         at: Instant::now(),
     });
