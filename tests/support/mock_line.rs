@@ -4,6 +4,14 @@
 //! proxy's whole promise is about the latter: what users would actually receive.
 //! A test can hold keyed requests at a gate until it releases them (`hold`), so it
 //! knows what is in flight without waiting on a timer.
+//!
+//! It models LINE's channels (see [`super::channels`]): every bearer token belongs to
+//! a channel, retry keys are consumed per channel, and `GET /v2/bot/info` names the
+//! channel's bot. A token it never issued is a channel of its own. The requests that
+//! ask about a token (`GET /v2/bot/info`, `POST /v2/oauth/verify`,
+//! `GET /oauth2/v2.1/verify`) are *lookups*: logged apart from [`MockLine::requests`],
+//! with faults and a gate of their own, so a proxy that looks tokens up does not change
+//! the request counts tests assert.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -30,6 +38,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::channels::{self, Registry};
+pub use super::channels::{Channel, TokenKind};
+// Re-exported so tests find the mock's whole API here; not every test binary uses them.
+#[allow(unused_imports)]
+pub use super::channels::{automatic_bot_user_id, client_assertion};
 pub use super::faults::{Chaos, Fault};
 use super::pki::TestPki;
 
@@ -39,6 +52,14 @@ pub const KEYED: [&str; 4] = [
     "/v2/bot/message/multicast",
     "/v2/bot/message/narrowcast",
     "/v2/bot/message/broadcast",
+];
+
+/// The requests that ask LINE about a token rather than act as its bot: logged as
+/// [`Lookup`]s, not as requests.
+pub const LOOKUPS: [(&str, &str); 3] = [
+    ("GET", "/v2/bot/info"),
+    ("POST", "/v2/oauth/verify"),
+    ("GET", "/oauth2/v2.1/verify"),
 ];
 
 /// The size of each chunk of a `/stream/{n}` answer.
@@ -64,8 +85,22 @@ pub struct Delivery {
     pub request_id: String,
     pub body: Bytes,
     pub authorization: Option<String>,
+    /// The id of the channel of the token it was accepted under.
+    pub channel: String,
     /// What LINE answered for a push it accepted (and repeats in every 409 for its key).
     pub sent_messages: Option<Value>,
+    pub at: Instant,
+}
+
+/// A request that asked about a token (one of [`LOOKUPS`]), logged when it had arrived.
+#[derive(Clone, Debug)]
+pub struct Lookup {
+    pub method: String,
+    /// The path alone: the token asked about is `token`.
+    pub path: String,
+    /// The bearer token (without `Bearer `) for `GET /v2/bot/info`, the `access_token`
+    /// field for the verify endpoints.
+    pub token: Option<String>,
     pub at: Instant,
 }
 
@@ -79,20 +114,42 @@ struct Log {
     faults: VecDeque<Fault>,
     requests: Vec<Recorded>,
     deliveries: Vec<Delivery>,
-    /// (Authorization, key): LINE scopes retry keys per channel.
+    /// (channel id, key): LINE scopes retry keys per channel.
     accepted: HashMap<(String, String), Accepted>,
+    registry: Registry,
+    lookup_faults: VecDeque<Fault>,
+    lookups: Vec<Lookup>,
     chaos: Option<(Chaos, fastrand::Rng)>,
     /// How often each fault was applied, scripted or drawn.
     applied: BTreeMap<&'static str, usize>,
 }
 
+/// Where requests wait while a [`Hold`] on it is in force.
+struct Gate {
+    /// False while a [`Hold`] is in force.
+    open: watch::Sender<bool>,
+    /// Requests waiting at the gate now.
+    held: watch::Sender<usize>,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            open: watch::Sender::new(true),
+            held: watch::Sender::new(0),
+        }
+    }
+}
+
 struct State {
     log: Mutex<Log>,
     arrived: watch::Sender<usize>,
-    /// False while a [`Hold`] is in force: keyed requests wait at the gate.
-    gate_open: watch::Sender<bool>,
-    /// Keyed requests waiting at the gate now.
-    held: watch::Sender<usize>,
+    /// Lookups that have arrived.
+    looked_up: watch::Sender<usize>,
+    /// Keyed requests wait here.
+    keyed_gate: Gate,
+    /// Lookups wait here.
+    lookup_gate: Gate,
     connections: AtomicUsize,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -133,9 +190,11 @@ impl Drop for MockLine {
 /// not happen.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
 
-/// Keeps the mock's gate closed; released by [`Hold::release`] or by dropping it.
+/// Keeps one of the mock's gates closed (keyed requests', or lookups'); released by
+/// [`Hold::release`] or by dropping it.
 pub struct Hold {
     state: Arc<State>,
+    lookups: bool,
 }
 
 impl Hold {
@@ -144,12 +203,17 @@ impl Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.state.gate_open.send_replace(true);
+        let gate = if self.lookups {
+            &self.state.lookup_gate
+        } else {
+            &self.state.keyed_gate
+        };
+        gate.open.send_replace(true);
     }
 }
 
-/// Counts a request as held while it waits at the gate, however the wait ends.
-struct HeldGuard<'a>(&'a State);
+/// Counts a request as held while it waits at a gate, however the wait ends.
+struct HeldGuard<'a>(&'a Gate);
 
 impl Drop for HeldGuard<'_> {
     fn drop(&mut self) {
@@ -177,8 +241,9 @@ impl MockLine {
         let state = Arc::new(State {
             log: Mutex::new(Log::default()),
             arrived: watch::Sender::new(0),
-            gate_open: watch::Sender::new(true),
-            held: watch::Sender::new(0),
+            looked_up: watch::Sender::new(0),
+            keyed_gate: Gate::new(),
+            lookup_gate: Gate::new(),
             connections: AtomicUsize::new(0),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -249,20 +314,21 @@ impl MockLine {
     /// Closes the gate: from now on keyed requests are recorded (and their fault
     /// chosen) on arrival, then wait until the returned handle is released or dropped.
     pub fn hold(&self) -> Hold {
-        self.state.gate_open.send_replace(false);
+        self.state.keyed_gate.open.send_replace(false);
         Hold {
             state: self.state.clone(),
+            lookups: false,
         }
     }
 
     /// Keyed requests waiting at the gate now.
     pub fn held(&self) -> usize {
-        *self.state.held.borrow()
+        *self.state.keyed_gate.held.borrow()
     }
 
     /// Waits until `n` keyed requests wait at the gate; panics after [`WAIT_LIMIT`].
     pub async fn wait_held(&self, n: usize) {
-        let mut held = self.state.held.subscribe();
+        let mut held = self.state.keyed_gate.held.subscribe();
         let waited = tokio::time::timeout(WAIT_LIMIT, held.wait_for(|count| *count >= n)).await;
         if waited.is_err() {
             panic!(
@@ -270,6 +336,103 @@ impl MockLine {
                 self.held()
             );
         }
+    }
+
+    /// A new channel of this mock (ids are unique in the process), with its own bot.
+    pub fn channel(&self) -> Channel {
+        self.state.log().registry.new_channel()
+    }
+
+    /// A token of `kind` for `ch`, as if issued elsewhere (no request is logged): the
+    /// raw token, without `Bearer `. A channel of another mock is adopted.
+    pub fn issue_token(&self, ch: &Channel, kind: TokenKind) -> String {
+        let mut log = self.state.log();
+        log.registry.adopt(ch);
+        log.registry.issue(&ch.id, kind, Instant::now())
+    }
+
+    /// From now on the raw `token` gets 401 from the Messaging API and `/v2/bot/info`,
+    /// 400 from the verify endpoints. A token never seen is revoked too.
+    pub fn revoke(&self, token: &str) {
+        self.state.log().registry.revoke(token);
+    }
+
+    /// As if `by` had passed for an issued token: its `expires_in` counts down that
+    /// much, and past its lifetime it is expired (treated as revoked).
+    pub fn age(&self, token: &str, by: Duration) {
+        self.state.log().registry.age(token, by);
+    }
+
+    /// The channel of a raw token: the one it was issued for, or (for a token never
+    /// issued) its automatic channel, made now if it was never seen.
+    pub fn channel_of(&self, token: &str) -> Channel {
+        self.state.log().registry.channel_of(token)
+    }
+
+    /// Every lookup that arrived (see [`LOOKUPS`]); none of them is in [`Self::requests`].
+    pub fn lookups(&self) -> Vec<Lookup> {
+        self.state.log().lookups.clone()
+    }
+
+    pub fn lookup_count(&self) -> usize {
+        self.state.log().lookups.len()
+    }
+
+    /// Waits until `n` lookups in all have arrived; panics after [`WAIT_LIMIT`].
+    pub async fn wait_lookups(&self, n: usize) {
+        let mut looked_up = self.state.looked_up.subscribe();
+        let waited =
+            tokio::time::timeout(WAIT_LIMIT, looked_up.wait_for(|count| *count >= n)).await;
+        if waited.is_err() {
+            panic!(
+                "only {} of {n} lookups arrived at the mock within {WAIT_LIMIT:?}",
+                *self.state.looked_up.borrow()
+            );
+        }
+    }
+
+    /// Faults for the next lookups, one each in order, as [`Self::script`] is for keyed
+    /// requests. `HoldUntil(n)` counts lookups; the `AcceptThen…` ones answer the
+    /// lookup, then do their fault. Chaos never applies to lookups.
+    pub fn script_lookups(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.state.log().lookup_faults.extend(faults);
+    }
+
+    /// Closes the lookups' gate: from now on lookups are logged (and their fault
+    /// chosen) on arrival, then wait until the returned handle is released or dropped.
+    pub fn hold_lookups(&self) -> Hold {
+        self.state.lookup_gate.open.send_replace(false);
+        Hold {
+            state: self.state.clone(),
+            lookups: true,
+        }
+    }
+
+    /// Lookups waiting at their gate now.
+    pub fn lookups_held(&self) -> usize {
+        *self.state.lookup_gate.held.borrow()
+    }
+
+    /// Waits until `n` lookups wait at their gate; panics after [`WAIT_LIMIT`].
+    pub async fn wait_lookups_held(&self, n: usize) {
+        let mut held = self.state.lookup_gate.held.subscribe();
+        let waited = tokio::time::timeout(WAIT_LIMIT, held.wait_for(|count| *count >= n)).await;
+        if waited.is_err() {
+            panic!(
+                "only {} of {n} lookups were held at the mock's gate within {WAIT_LIMIT:?}",
+                self.lookups_held()
+            );
+        }
+    }
+
+    /// The deliveries accepted under any token of `ch`.
+    pub fn deliveries_for(&self, ch: &Channel) -> Vec<Delivery> {
+        let log = self.state.log();
+        log.deliveries
+            .iter()
+            .filter(|d| d.channel == ch.id)
+            .cloned()
+            .collect()
     }
 
     /// Draws a random fault for every keyed request that has nothing scripted.
@@ -407,6 +570,33 @@ struct Arrived {
     authorization: Option<String>,
 }
 
+impl Arrived {
+    /// The bearer token, without `Bearer `; `None` if there is none or it is empty.
+    fn bearer(&self) -> Option<&str> {
+        self.authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .filter(|t| !t.is_empty())
+    }
+
+    fn query(&self) -> &str {
+        self.path_and_query.split_once('?').map_or("", |(_, q)| q)
+    }
+
+    fn is_lookup(&self) -> bool {
+        LOOKUPS.contains(&(self.method.as_str(), self.path.as_str()))
+    }
+
+    /// The token a lookup asks about.
+    fn looked_up_token(&self) -> Option<String> {
+        match self.path.as_str() {
+            "/v2/bot/info" => self.bearer().map(str::to_owned),
+            "/oauth2/v2.1/verify" => channels::form(self.query().as_bytes()).remove("access_token"),
+            _ => channels::form(&self.body).remove("access_token"),
+        }
+    }
+}
+
 async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incoming>) -> Answer {
     let (parts, body) = req.into_parts();
     let body = body
@@ -432,26 +622,49 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
         headers: parts.headers,
         body,
     };
-    let count = {
-        let mut log = state.log();
-        log.requests.push(Recorded {
-            method: req.method.to_string(),
-            path: req.path_and_query.clone(),
-            headers: req.headers.clone(),
-            body: req.body.clone(),
-            retry_key: req.key.clone(),
-            version: parts.version,
-            at: Instant::now(),
-        });
-        log.requests.len()
-    };
-    state.arrived.send_replace(count);
+    let lookup = req.is_lookup();
+    if lookup {
+        let count = {
+            let mut log = state.log();
+            log.lookups.push(Lookup {
+                method: req.method.to_string(),
+                path: req.path.clone(),
+                token: req.looked_up_token(),
+                at: Instant::now(),
+            });
+            log.lookups.len()
+        };
+        state.looked_up.send_replace(count);
+    } else {
+        let count = {
+            let mut log = state.log();
+            log.requests.push(Recorded {
+                method: req.method.to_string(),
+                path: req.path_and_query.clone(),
+                headers: req.headers.clone(),
+                body: req.body.clone(),
+                retry_key: req.key.clone(),
+                version: parts.version,
+                at: Instant::now(),
+            });
+            log.requests.len()
+        };
+        state.arrived.send_replace(count);
+    }
 
     let id = request_id();
     let keyed = req.method == Method::POST && KEYED.contains(&req.path.as_str());
-    let fault = if keyed { next_fault(&state) } else { None };
+    let fault = if keyed {
+        next_fault(&state)
+    } else if lookup {
+        state.log().lookup_faults.pop_front()
+    } else {
+        None
+    };
     if keyed {
-        pass_gate(&state, &conn).await?;
+        pass_gate(&state.keyed_gate, &conn).await?;
+    } else if lookup {
+        pass_gate(&state.lookup_gate, &conn).await?;
     }
     match &fault {
         Some(Fault::Status(code)) => return Ok(scripted_status(*code, &id)),
@@ -478,7 +691,12 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
         Some(Fault::Reset) => return reset(&state, &conn).await,
         Some(Fault::Delay(pause)) => tokio::time::sleep(*pause).await,
         Some(Fault::HoldUntil(n)) => {
-            let mut arrived = state.arrived.subscribe();
+            let counted = if lookup {
+                &state.looked_up
+            } else {
+                &state.arrived
+            };
+            let mut arrived = counted.subscribe();
             tokio::select! {
                 _ = arrived.wait_for(|count| *count >= *n) => {}
                 _ = conn.cancelled() => return Err(std::io::Error::other("mock shut down")),
@@ -487,7 +705,9 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
         Some(Fault::AcceptThenStatus(_) | Fault::AcceptThenHang | Fault::AcceptThenReset)
         | None => {}
     }
-    let (answer, accepted) = respond(&req, &id, &state);
+    let (answer, delivered) = respond(&req, &id, &state);
+    // A lookup delivers nothing: its `AcceptThen…` faults follow any answer.
+    let accepted = delivered || lookup;
     match fault {
         Some(Fault::AcceptThenStatus(code)) if accepted => Ok(scripted_status(code, &id)),
         Some(Fault::AcceptThenHang) if accepted => hang(&conn).await,
@@ -512,14 +732,14 @@ fn next_fault(state: &State) -> Option<Fault> {
     fault
 }
 
-/// Waits while a [`Hold`] is in force (or until the connection dies).
-async fn pass_gate(state: &State, conn: &CancellationToken) -> Result<(), std::io::Error> {
-    let mut open = state.gate_open.subscribe();
+/// Waits while a [`Hold`] on `gate` is in force (or until the connection dies).
+async fn pass_gate(gate: &Gate, conn: &CancellationToken) -> Result<(), std::io::Error> {
+    let mut open = gate.open.subscribe();
     if *open.borrow_and_update() {
         return Ok(());
     }
-    state.held.send_modify(|n| *n += 1);
-    let _held = HeldGuard(state);
+    gate.held.send_modify(|n| *n += 1);
+    let _held = HeldGuard(gate);
     tokio::select! {
         _ = open.wait_for(|open| *open) => Ok(()),
         _ = conn.cancelled() => Err(std::io::Error::other("mock shut down")),
@@ -544,16 +764,26 @@ async fn reset(state: &State, conn: &CancellationToken) -> Answer {
 
 /// LINE's normal behaviour; the flag says whether this request was accepted for delivery.
 fn respond(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
+    if channels::is_token_endpoint(&req.method, &req.path) {
+        let (status, body) = channels::token_endpoint(
+            &mut state.log().registry,
+            &req.method,
+            &req.path,
+            req.query(),
+            &req.body,
+            Instant::now(),
+        );
+        return (json_answer(status, id, body), false);
+    }
     let instrument = ["/echo", "/stream/", "/stall/"]
         .iter()
         .any(|p| req.path.starts_with(p));
-    if !instrument
-        && req
-            .authorization
-            .as_deref()
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .is_none_or(str::is_empty)
-    {
+    let channel = match req.bearer() {
+        _ if instrument => None,
+        Some(token) => state.log().registry.authenticate(token, Instant::now()),
+        None => None,
+    };
+    if !instrument && channel.is_none() {
         let text = "Authentication failed. Confirm that the access token in the authorization header is valid.";
         return (message(StatusCode::UNAUTHORIZED, id, text), false);
     }
@@ -568,19 +798,17 @@ fn respond(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
             return (message(StatusCode::BAD_REQUEST, id, text), false);
         }
     }
-    if keyed {
-        return accept(req, id, state);
+    match channel {
+        Some(channel) if keyed => accept(req, id, state, &channel),
+        channel => (other_endpoint(req, id, state, channel.as_ref()), false),
     }
-    (other_endpoint(req, id, state), false)
 }
 
-/// The first accepted request with a key consumes it; later ones get 409 naming it.
-fn accept(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
+/// The first accepted request with a key consumes it for the token's channel; later
+/// ones from any token of that channel get 409 naming it.
+fn accept(req: &Arrived, id: &str, state: &State, channel: &Channel) -> (Response<Body>, bool) {
     let mut log = state.log();
-    let scope = req
-        .key
-        .clone()
-        .map(|key| (req.authorization.clone().unwrap_or_default(), key));
+    let scope = req.key.clone().map(|key| (channel.id.clone(), key));
     if let Some(accepted) = scope.as_ref().and_then(|s| log.accepted.get(s)) {
         let mut body = json!({"message": "The retry key is already accepted"});
         if let Some(sent) = &accepted.sent_messages {
@@ -619,42 +847,53 @@ fn accept(req: &Arrived, id: &str, state: &State) -> (Response<Body>, bool) {
         };
         log.accepted.insert(scope, accepted);
     }
-    deliver(&mut log, req, id, sent_messages);
+    deliver(&mut log, req, id, sent_messages, channel);
     (json_answer(status, id, body), true)
 }
 
-fn deliver(log: &mut Log, req: &Arrived, id: &str, sent_messages: Option<Value>) {
+fn deliver(
+    log: &mut Log,
+    req: &Arrived,
+    id: &str,
+    sent_messages: Option<Value>,
+    channel: &Channel,
+) {
     log.deliveries.push(Delivery {
         path: req.path.clone(),
         retry_key: req.key.clone(),
         request_id: id.to_owned(),
         body: req.body.clone(),
         authorization: req.authorization.clone(),
+        channel: channel.id.clone(),
         sent_messages,
         at: Instant::now(),
     });
 }
 
-fn other_endpoint(req: &Arrived, id: &str, state: &State) -> Response<Body> {
-    match (&req.method, req.path.as_str()) {
-        (&Method::POST, "/v2/bot/message/reply") => {
-            deliver(&mut state.log(), req, id, None);
+/// `channel` is that of the bearer token, `None` only for the instrument paths.
+fn other_endpoint(
+    req: &Arrived,
+    id: &str,
+    state: &State,
+    channel: Option<&Channel>,
+) -> Response<Body> {
+    match (&req.method, req.path.as_str(), channel) {
+        (&Method::POST, "/v2/bot/message/reply", Some(channel)) => {
+            deliver(&mut state.log(), req, id, None, channel);
             json_answer(StatusCode::OK, id, json!({}))
         }
-        (&Method::GET, "/v2/bot/info") => json_answer(
-            StatusCode::OK,
-            id,
-            json!({"userId": "Ubot", "basicId": "@bot", "displayName": "mock"}),
-        ),
-        (&Method::GET, "/v2/bot/message/quota") => json_answer(
+        (&Method::GET, "/v2/bot/info", Some(channel)) => {
+            json_answer(StatusCode::OK, id, channels::bot_info(channel))
+        }
+        (&Method::GET, "/v2/bot/message/quota", _) => json_answer(
             StatusCode::OK,
             id,
             json!({"type": "limited", "value": 1000}),
         ),
-        (&Method::POST, "/v2/bot/message/validate/push") => {
+        (&Method::POST, "/v2/bot/message/validate/push", _) => {
             json_answer(StatusCode::OK, id, json!({}))
         }
-        (_, path) if path.starts_with("/echo") => {
+        (_, path, _) if path.starts_with("/echo") => {
             let mut headers = serde_json::Map::new();
             for (name, value) in &req.headers {
                 let value = String::from_utf8_lossy(value.as_bytes());
@@ -672,7 +911,7 @@ fn other_endpoint(req: &Arrived, id: &str, state: &State) -> Response<Body> {
             });
             json_answer(StatusCode::OK, id, body)
         }
-        (&Method::GET, path) if path.starts_with("/stall/") => {
+        (&Method::GET, path, _) if path.starts_with("/stall/") => {
             match path["/stall/".len()..].parse::<usize>() {
                 Ok(len) => {
                     let mut res = Response::new(Stall(Some(stream_body(len))).boxed());
@@ -682,7 +921,7 @@ fn other_endpoint(req: &Arrived, id: &str, state: &State) -> Response<Body> {
                 Err(_) => message(StatusCode::BAD_REQUEST, id, "Bad stall length"),
             }
         }
-        (&Method::GET, path) if path.starts_with("/stream/") => {
+        (&Method::GET, path, _) if path.starts_with("/stream/") => {
             match path["/stream/".len()..].parse::<usize>() {
                 Ok(len) => {
                     let mut res = Response::new(Chunks { sent: 0, len }.boxed());

@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 
+pub mod channels;
 pub mod egress;
 pub mod faults;
 pub mod mock_line;
