@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use line_retry_proxy::domain::{Answer, Fingerprint, Outcome, RetryKey};
+use line_retry_proxy::domain::{Answer, Fingerprint, Outcome, RetryKey, TokenTag};
 use line_retry_proxy::store::redis::{RedisOptions, RedisStore};
 use line_retry_proxy::store::{Claim, ClaimRequest, Store};
 
@@ -45,6 +45,7 @@ fn answer(i: u64) -> Arc<Answer> {
         outcome: Outcome::Fresh,
         attempts: 1,
         upstream_status: Some(StatusCode::OK),
+        owner: Some(TokenTag([1; 16])),
     })
 }
 

@@ -58,9 +58,16 @@ async fn rotate_and_resend(mock: &MockLine, proxy: &Proxy, first: &str, second: 
     let resent = push_with(proxy, second, &body).await;
     assert_eq!(resent.status, StatusCode::OK, "{:?}", resent.body);
     assert_eq!(resent.outcome(), "conflict-resolved");
-    assert_eq!(mock.delivered_count(), 1, "the resend under a new token was delivered again");
+    assert_eq!(
+        mock.delivered_count(),
+        1,
+        "the resend under a new token was delivered again"
+    );
     let delivered = &mock.deliveries()[0];
-    assert_eq!(resent.json()["sentMessages"], delivered.sent_messages.clone().unwrap());
+    assert_eq!(
+        resent.json()["sentMessages"],
+        delivered.sent_messages.clone().unwrap()
+    );
     assert_eq!(resent.header("x-line-request-id"), delivered.request_id);
 }
 
@@ -75,13 +82,23 @@ async fn a_resend_with_a_token_issued_elsewhere_is_fenced_by_line() {
         [TokenKind::LongLived, TokenKind::Stateless],
     ] {
         let before = mock.delivered_count();
-        let (a, b) = (mock.issue_token(&ch, kinds[0]), mock.issue_token(&ch, kinds[1]));
+        let (a, b) = (
+            mock.issue_token(&ch, kinds[0]),
+            mock.issue_token(&ch, kinds[1]),
+        );
         let body = push_body(&format!("{kinds:?}"));
         mock.script([Fault::AcceptThenStatus(500)]);
-        assert_eq!(push_with(&proxy, &a, &body).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            push_with(&proxy, &a, &body).await.status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
         let resent = push_with(&proxy, &b, &body).await;
         assert_eq!(resent.outcome(), "conflict-resolved", "{kinds:?}");
-        assert_eq!(mock.delivered_count(), before + 1, "{kinds:?}: delivered twice");
+        assert_eq!(
+            mock.delivered_count(),
+            before + 1,
+            "{kinds:?}: delivered twice"
+        );
     }
     // Each token was looked up once, and never again for the resend.
     assert_eq!(mock.lookup_count(), 6);
@@ -106,19 +123,29 @@ async fn tokens_issued_through_the_proxy_need_one_lookup_per_channel() {
         client_assertion(&ch)
     );
     let (second, issued) = issue_through(&proxy, "/oauth2/v2.1/token", &v21).await;
-    assert!(issued.json()["key_id"].is_string(), "LINE's answer passes unchanged");
+    assert!(
+        issued.json()["key_id"].is_string(),
+        "LINE's answer passes unchanged"
+    );
     let short = format!(
         "grant_type=client_credentials&client_id={}&client_secret={}",
         ch.id, ch.secret
     );
     let (third, _) = issue_through(&proxy, "/v2/oauth/accessToken", &short).await;
     proxy
-        .wait_metric("line_retry_proxy_channel_lookups_total{source=\"issued\"}", |n| n >= 2.0)
+        .wait_metric(
+            "line_retry_proxy_channel_lookups_total{source=\"issued\"}",
+            |n| n >= 2.0,
+        )
         .await;
     rotate_and_resend(&mock, &proxy, &first, &second).await;
     let body = push_body("third token");
     assert_eq!(push_with(&proxy, &third, &body).await.outcome(), "fresh");
-    assert_eq!(mock.lookup_count(), 1, "tokens of a known channel id were looked up");
+    assert_eq!(
+        mock.lookup_count(),
+        1,
+        "tokens of a known channel id were looked up"
+    );
 }
 
 #[tokio::test]
@@ -138,7 +165,11 @@ async fn https_proxy_mode_rotates_tokens_too() {
             let tls = tunnel::tls(stream, "api.line.me", tunnel::client_config(&ca, &[b"h2"]))
                 .await
                 .expect("the proxy's CA is trusted");
-            let req = tunnel::push_request("https://api.line.me/v2/bot/message/push", &bearer(&token), &body);
+            let req = tunnel::push_request(
+                "https://api.line.me/v2/bot/message/push",
+                &bearer(&token),
+                &body,
+            );
             tunnel::request(tls, req).await
         }
     };
@@ -163,7 +194,10 @@ async fn a_rotation_across_a_restart_is_fenced_by_lines_409() {
     let body = push_body("across a restart");
     let first = Proxy::start(&mock, NO_RETRY).await;
     mock.script([Fault::AcceptThenStatus(500)]);
-    assert_eq!(push_with(&first, &a, &body).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        push_with(&first, &a, &body).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
     assert!(first.stop().await);
     // A new process: an empty memory store and an empty cache.
     let second = Proxy::start(&mock, NO_RETRY).await;
@@ -205,10 +239,20 @@ async fn another_token_never_reads_a_kept_answer() {
 
     // A token the proxy knows for the channel, revoked since: LINE's 401, not the answer.
     let revoked = mock.issue_token(&ch, TokenKind::Stateless);
-    assert_eq!(push_with(&proxy, &revoked, &push_body("learn it")).await.outcome(), "fresh");
+    assert_eq!(
+        push_with(&proxy, &revoked, &push_body("learn it"))
+            .await
+            .outcome(),
+        "fresh"
+    );
     mock.revoke(&revoked);
     let refused = push_with(&proxy, &revoked, &body).await;
-    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{:?}", refused.body);
+    assert_eq!(
+        refused.status,
+        StatusCode::UNAUTHORIZED,
+        "{:?}",
+        refused.body
+    );
     assert!(refused.json().get("sentMessages").is_none());
 
     // A token LINE never issued: it learns nothing, and LINE refuses it.
@@ -221,7 +265,11 @@ async fn another_token_never_reads_a_kept_answer() {
             .await,
         1.0
     );
-    assert_eq!(mock.deliveries_for(&ch).len(), 2, "the kept send and `learn it`");
+    assert_eq!(
+        mock.deliveries_for(&ch).len(),
+        2,
+        "the kept send and `learn it`"
+    );
 }
 
 #[tokio::test]
@@ -264,7 +312,10 @@ async fn a_send_whose_channel_cannot_be_learned_is_not_sent() {
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.json()["reason"], "channel_unknown");
     assert_eq!(refused.json()["retryable"], true);
-    assert_eq!(refused.header("x-line-retry-proxy-error"), "channel_unknown");
+    assert_eq!(
+        refused.header("x-line-retry-proxy-error"),
+        "channel_unknown"
+    );
     assert!(
         mock.requests().iter().all(|r| r.path != PUSH),
         "a send without its channel reached LINE"
@@ -294,6 +345,60 @@ async fn key_scope_token_keeps_the_old_keys_and_asks_nothing() {
     let first = push_with(&proxy, &a, &body).await;
     let second = push_with(&proxy, &b, &body).await;
     // Two tokens, two keys: what channel scope exists to prevent.
-    assert_ne!(first.header("x-line-retry-key"), second.header("x-line-retry-key"));
+    assert_ne!(
+        first.header("x-line-retry-key"),
+        second.header("x-line-retry-key")
+    );
     assert_eq!(mock.lookup_count(), 0);
+}
+
+/// Replicas on one Redis share what they learned: a token looked up by one is known to
+/// the other without asking LINE, and a rotation between replicas is fenced.
+#[tokio::test]
+async fn replicas_on_one_redis_share_the_channel_directory() {
+    if !support::redis::available("replicas_on_one_redis_share_the_channel_directory") {
+        return;
+    }
+    let redis = support::redis::RedisServer::start().await;
+    let mock = MockLine::start().await;
+    let store = format!("--store={}", redis.url(0));
+    let one = Proxy::start(&mock, &[&store, "--max-attempts=1"]).await;
+    let two = Proxy::start(&mock, &[&store, "--max-attempts=1"]).await;
+    let ch = mock.channel();
+    let (a, b) = (
+        mock.issue_token(&ch, TokenKind::Stateless),
+        mock.issue_token(&ch, TokenKind::Stateless),
+    );
+    assert_eq!(
+        push_with(&one, &a, &push_body("learned by one"))
+            .await
+            .outcome(),
+        "fresh"
+    );
+    assert_eq!(
+        push_with(&two, &a, &push_body("known to two"))
+            .await
+            .outcome(),
+        "fresh"
+    );
+    assert_eq!(
+        mock.lookup_count(),
+        1,
+        "the second replica asked LINE again"
+    );
+    assert_eq!(
+        two.metric("line_retry_proxy_channel_lookups_total{source=\"store\"}")
+            .await,
+        1.0
+    );
+    // Accepted on one, its answer lost; resent to the other with another token.
+    let body = push_body("rotated across replicas");
+    mock.script([Fault::AcceptThenStatus(500)]);
+    assert_eq!(
+        push_with(&one, &a, &body).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let resent = push_with(&two, &b, &body).await;
+    assert_eq!(resent.outcome(), "conflict-resolved");
+    assert_eq!(mock.deliveries_for(&ch).len(), 3);
 }

@@ -1,7 +1,9 @@
 //! The chaos soak: many bots send unique messages over the four keyed endpoints and
 //! three channels through the proxy to a mock LINE that fails at random (500, accept
 //! then 500, hang, accept then hang, reset, accept then reset, delays). Each bot gives up
-//! on a try after its own timeout and resends the same request until it gets a 2xx.
+//! on a try after its own timeout and resends the same request until it gets a 2xx,
+//! each try with the next of its channel's tokens (of every kind), as bots that
+//! rotate tokens or run one worker per token do.
 //! Halfway, the proxy is stopped and a new one (empty store, new port) takes over.
 //! In the Redis variant two replicas share one redis-server instead, a resend goes to
 //! the other replica than the try before, and halfway Redis is stopped and started again
@@ -29,16 +31,19 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
-use support::mock_line::{Chaos, Delivery, MockLine};
+use support::mock_line::{Chaos, Delivery, MockLine, TokenKind};
 use support::proxy::{Proxy, Reply, STOP_LIMIT};
 use support::redis::RedisServer;
 use support::{eventually, within};
 use tokio::sync::watch;
 
-const TOKENS: [&str; 3] = [
-    "Bearer chaos-channel-a",
-    "Bearer chaos-channel-b",
-    "Bearer chaos-channel-c",
+/// Channels of the run, and the live tokens each has: a try uses the next one.
+const CHANNELS: usize = 3;
+const TOKEN_KINDS: [TokenKind; 4] = [
+    TokenKind::Stateless,
+    TokenKind::ShortLived,
+    TokenKind::V21,
+    TokenKind::LongLived,
 ];
 const ENDPOINTS: [(&str, StatusCode); 4] = [
     ("/v2/bot/message/push", StatusCode::OK),
@@ -169,7 +174,8 @@ async fn chaos_soak_two_replicas_on_redis_long() {
 
 /// One logical send: what the bot sends, every time it tries.
 struct Send {
-    token: &'static str,
+    /// Which of the run's channels sends it (any of its tokens, try by try).
+    channel: usize,
     path: &'static str,
     success: StatusCode,
     body: String,
@@ -180,7 +186,7 @@ fn plan_sends(seed: u64, n: usize) -> Vec<Send> {
     (0..n)
         .map(|i| {
             let (path, success) = ENDPOINTS[rng.usize(..ENDPOINTS.len())];
-            let token = TOKENS[rng.usize(..TOKENS.len())];
+            let channel = rng.usize(..CHANNELS);
             let messages: Vec<Value> = (0..rng.usize(1..=3))
                 .map(|m| json!({"type": "text", "text": format!("chaos {seed} send {i} part {m}")}))
                 .collect();
@@ -195,7 +201,7 @@ fn plan_sends(seed: u64, n: usize) -> Vec<Send> {
                 _ => json!({"messages": messages}),
             };
             Send {
-                token,
+                channel,
                 path,
                 success,
                 body: body.to_string(),
@@ -230,6 +236,8 @@ struct Shared {
     done: watch::Sender<usize>,
     proxies: watch::Receiver<Vec<SocketAddr>>,
     told: Mutex<Vec<Option<Told>>>,
+    /// Per channel, its live tokens (raw, without `Bearer`).
+    tokens: Vec<Vec<String>>,
 }
 
 fn bot_client() -> Client<HttpConnector, Full<Bytes>> {
@@ -240,11 +248,12 @@ async fn try_once(
     client: &Client<HttpConnector, Full<Bytes>>,
     addr: SocketAddr,
     send: &Send,
+    token: &str,
 ) -> Result<Reply, String> {
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{addr}{}", send.path))
-        .header("authorization", send.token)
+        .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(send.body.clone())))
         .map_err(|e| e.to_string())?;
@@ -276,14 +285,17 @@ async fn bot(shared: Arc<Shared>, seed: u64) {
         let mut told = Told::default();
         let mut tried = HashSet::new();
         let first = rng.usize(..);
+        let first_token = rng.usize(..);
+        let tokens = &shared.tokens[send.channel];
         while told.tries < BOT_TRIES {
+            let token = &tokens[first_token.wrapping_add(told.tries as usize) % tokens.len()];
             let addr = {
                 let addrs = proxies.borrow_and_update();
                 addrs[first.wrapping_add(told.tries as usize) % addrs.len()]
             };
             told.tries += 1;
             let fresh_replica = tried.insert(addr);
-            match tokio::time::timeout(BOT_TIMEOUT, try_once(&client, addr, send)).await {
+            match tokio::time::timeout(BOT_TIMEOUT, try_once(&client, addr, send, token)).await {
                 Ok(Ok(reply)) if reply.status.is_success() => {
                     told.answer = Some(reply);
                     told.fresh_replica = fresh_replica;
@@ -340,22 +352,29 @@ struct Tally {
     latencies: Vec<Duration>,
 }
 
-fn tally(sends: &[Send], told: Vec<Option<Told>>, deliveries: Vec<Delivery>) -> Tally {
+/// `channel_ids` names each of the run's channels as LINE's deliveries do.
+fn tally(
+    sends: &[Send],
+    channel_ids: &[String],
+    told: Vec<Option<Told>>,
+    deliveries: Vec<Delivery>,
+) -> Tally {
     let mut t = Tally {
         deliveries: deliveries.len(),
         ..Tally::default()
     };
-    let mut by_send: HashMap<(Option<String>, String, Bytes), Vec<Delivery>> = HashMap::new();
+    // One logical send per channel, whatever token each try carried.
+    let mut by_send: HashMap<(String, String, Bytes), Vec<Delivery>> = HashMap::new();
     for d in deliveries {
         by_send
-            .entry((d.authorization.clone(), d.path.clone(), d.body.clone()))
+            .entry((d.channel.clone(), d.path.clone(), d.body.clone()))
             .or_default()
             .push(d);
     }
     for (i, (send, told)) in sends.iter().zip(told).enumerate() {
         let told = told.unwrap_or_default();
         let key = (
-            Some(send.token.to_owned()),
+            channel_ids[send.channel].clone(),
             send.path.to_owned(),
             Bytes::from(send.body.clone()),
         );
@@ -367,7 +386,7 @@ fn tally(sends: &[Send], told: Vec<Option<Told>>, deliveries: Vec<Delivery>) -> 
         for (kind, n) in &told.server_error_kinds {
             *t.server_error_kinds.entry(kind.clone()).or_default() += u64::from(*n);
         }
-        let what = format!("send {i} ({} {})", send.path, &send.token[7..]);
+        let what = format!("send {i} ({} channel {})", send.path, send.channel);
         if delivered.len() > 1 {
             t.duplicates
                 .push(format!("{what}: delivered {} times", delivered.len()));
@@ -470,6 +489,7 @@ async fn soak(plan: Plan) {
         refused,
         store_errors,
         outages,
+        lookups,
     } = within(plan.limit, &what, run).await;
     let elapsed = started.elapsed();
 
@@ -491,7 +511,8 @@ async fn soak(plan: Plan) {
     println!(
         "chaos: seed={seed} sends={} deliveries={} duplicates={} losses={} phantoms={} mismatched={} strays={} \
          p50={:?} p99={:?} max={:?} tries={} bot_timeouts={} bot_5xx={} {:?} bot_broken={} unconfirmed={} \
-         outcomes={:?} faults={faults:?} budget_refusals={refused} {}{store} elapsed={elapsed:.1?}",
+         outcomes={:?} faults={faults:?} budget_refusals={refused} channel_lookups={lookups} {}{store} \
+         elapsed={elapsed:.1?}",
         plan.sends,
         tally.deliveries,
         tally.duplicates.len(),
@@ -540,6 +561,17 @@ async fn soak(plan: Plan) {
         show(&tally.losses)
     );
     assert_eq!(tally.strays, 0, "seed {seed}: deliveries no bot sent");
+    // Each token is looked up at most once by each proxy that ever ran: a Redis
+    // replica keeps its own cache across a Redis restart, a restarted proxy starts empty.
+    let lifetimes = match plan.setup {
+        Setup::ProxyRestarts(n) => n + 1,
+        Setup::Redis { replicas, .. } => replicas,
+    };
+    let tokens = CHANNELS * TOKEN_KINDS.len();
+    assert!(
+        lookups <= tokens * lifetimes,
+        "seed {seed}: {lookups} lookups for {tokens} tokens over {lifetimes} proxy lifetimes"
+    );
     assert_eq!(
         tally.deliveries, plan.sends,
         "seed {seed}: one delivery per send"
@@ -584,6 +616,8 @@ struct Ran {
     refused: f64,
     store_errors: f64,
     outages: Vec<Outage>,
+    /// Channel lookups LINE was asked for.
+    lookups: usize,
 }
 
 /// One Redis restart, as the run saw it.
@@ -736,6 +770,17 @@ async fn run(plan: &Plan, seed: u64) -> Ran {
         delay: 0.15,
         max_delay: Duration::from_millis(400),
     });
+    let channels: Vec<_> = (0..CHANNELS).map(|_| mock.channel()).collect();
+    let tokens: Vec<Vec<String>> = channels
+        .iter()
+        .map(|ch| {
+            TOKEN_KINDS
+                .iter()
+                .map(|&kind| mock.issue_token(ch, kind))
+                .collect()
+        })
+        .collect();
+    let channel_ids: Vec<String> = channels.iter().map(|ch| ch.id.clone()).collect();
     let mut fleet = Fleet::start(plan.setup, &mock).await;
     let (to_bots, proxies) = watch::channel(fleet.addrs());
     let (done, mut progress) = watch::channel(0usize);
@@ -745,6 +790,7 @@ async fn run(plan: &Plan, seed: u64) -> Ran {
         done,
         proxies,
         told: Mutex::new((0..plan.sends).map(|_| None).collect()),
+        tokens,
     });
     let bots: Vec<_> = (0..plan.bots)
         .map(|b| tokio::spawn(bot(shared.clone(), seed.wrapping_add(b as u64 + 1))))
@@ -769,7 +815,8 @@ async fn run(plan: &Plan, seed: u64) -> Ran {
 
     let told = std::mem::take(&mut *shared.told.lock().unwrap());
     Ran {
-        tally: tally(&shared.sends, told, mock.deliveries()),
+        tally: tally(&shared.sends, &channel_ids, told, mock.deliveries()),
+        lookups: mock.lookup_count(),
         faults: mock.faults_applied(),
         refused,
         store_errors,
@@ -781,12 +828,14 @@ async fn run(plan: &Plan, seed: u64) -> Ran {
 #[test]
 fn the_tally_sees_each_kind_of_failure() {
     let sends = plan_sends(7, 6);
+    let channel_ids: Vec<String> = (0..CHANNELS).map(|c| format!("16500000{c}")).collect();
     let delivery = |send: &Send, id: &str| Delivery {
         path: send.path.to_owned(),
         retry_key: Some("k".into()),
         request_id: id.to_owned(),
         body: Bytes::from(send.body.clone()),
-        authorization: Some(send.token.to_owned()),
+        authorization: Some(format!("Bearer token-{}", send.channel)),
+        channel: channel_ids[send.channel].clone(),
         sent_messages: (send.path == "/v2/bot/message/push").then(|| json!([{"id": id}])),
         at: Instant::now(),
     };
@@ -838,7 +887,7 @@ fn the_tally_sees_each_kind_of_failure() {
         told(None),
         ok(5, "f"),
     ];
-    let t = tally(&sends, told, deliveries);
+    let t = tally(&sends, &channel_ids, told, deliveries);
     assert_eq!(t.deliveries, 6);
     assert_eq!(t.duplicates.len(), 1, "{:?}", t.duplicates);
     assert!(t.duplicates[0].starts_with("send 1 "));

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use line_retry_proxy::domain::{Answer, Fingerprint, Outcome, RetryKey, LINE_KEY_LIFETIME};
+use line_retry_proxy::domain::{
+    Answer, Fingerprint, Outcome, RetryKey, TokenTag, LINE_KEY_LIFETIME,
+};
 use line_retry_proxy::store::redis::{RedisOptions, RedisStore};
 use line_retry_proxy::store::{Claim, ClaimRequest, Store, StoreError, Ticket};
 use support::redis::{available, RedisServer};
@@ -60,6 +62,7 @@ fn answer(body: impl Into<Bytes>) -> Arc<Answer> {
         outcome: Outcome::Fresh,
         attempts: 1,
         upstream_status: Some(StatusCode::OK),
+        owner: Some(TokenTag([9; 16])),
     })
 }
 

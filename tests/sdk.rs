@@ -304,7 +304,11 @@ async fn stateless_rotation(mode: &'static str) {
     assert_eq!(first.json["status"], 200, "{:?}", first.json);
     assert_eq!(first.json["outcome"], "fresh", "{:?}", first.json);
     assert_eq!(again.json["status"], 200, "{:?}", again.json);
-    assert_eq!(again.json["outcome"], "conflict-resolved", "{:?}", again.json);
+    assert_eq!(
+        again.json["outcome"], "conflict-resolved",
+        "{:?}",
+        again.json
+    );
     assert_eq!(first.json["sent_messages"], again.json["sent_messages"]);
     assert_eq!(first.json["retry_key"], again.json["retry_key"]);
     assert!(

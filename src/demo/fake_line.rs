@@ -241,11 +241,15 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
     let authorization = header("authorization").unwrap_or_default();
     // The proxy asks which channel a token belongs to: the demo has one bot.
     if parts.method == Method::GET && parts.uri.path() == BOT_INFO {
-        if authorization.strip_prefix("Bearer ").is_none_or(str::is_empty) {
+        if authorization
+            .strip_prefix("Bearer ")
+            .is_none_or(str::is_empty)
+        {
             let text = "Authentication failed. Confirm that the access token in the authorization header is valid.";
             return Ok(message(StatusCode::UNAUTHORIZED, "-", text));
         }
-        let body = serde_json::json!({"userId": BOT_USER_ID, "basicId": "@demo", "displayName": "demo"});
+        let body =
+            serde_json::json!({"userId": BOT_USER_ID, "basicId": "@demo", "displayName": "demo"});
         return Ok(json_answer(StatusCode::OK, "-", &body));
     }
     if parts.method != Method::POST || parts.uri.path() != PUSH {

@@ -185,6 +185,17 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Forms, assertions and answers are the bot's and LINE's bytes: never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes: Vec<u8>, text in ".{0,200}") {
+            let _ = channel_id_of_form(&bytes);
+            let _ = channel_id_of_form(format!("client_assertion={text}").as_bytes());
+            let _ = assertion_issuer(&text);
+            let _ = issued_token(&bytes);
+        }
+    }
+
     #[test]
     fn the_issued_token_and_its_lifetime() {
         assert_eq!(
