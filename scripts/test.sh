@@ -9,7 +9,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
 # The end-to-end suites again on the shared Redis store (a redis-server per test process).
-LINE_RETRY_PROXY_TEST_STORE=redis cargo test --locked --test base_url --test https_proxy \
+LINE_RETRY_PROXY_TEST_STORE=redis cargo test --locked --test base_url --test https_proxy --test channels \
   --test exactly_once --test regressions 2>&1 | tee -a "$log"
 .venv/bin/python scripts/check-examples.py target/debug/line-retry-proxy
 # One closing line for the whole suite, summed over every test binary.

@@ -20,7 +20,7 @@ pub const LINE_KEY_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// The header LINE reads the key from.
 pub const RETRY_KEY_HEADER: HeaderName = HeaderName::from_static("x-line-retry-key");
 
-/// The four LINE endpoints that accept `X-Line-Retry-Key` (LINE-API.md).
+/// The four LINE endpoints that accept `X-Line-Retry-Key` (docs/line-api.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Push,

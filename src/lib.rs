@@ -23,11 +23,13 @@
 //! [`admin_client`] is the command line's side of the admin port (`healthcheck`, `stats`).
 //! [`demo`] is a second composition root beside `main`: the `demo` subcommand.
 //!
-//! # The request path, phase by phase (DESIGN.md)
+//! # The request path, phase by phase (docs/design.md)
 //! 1. [`pipeline::classify`]: one of the four keyed endpoints, or passthrough
 //!    ([`pipeline::forward`], streamed, untouched);
 //! 2. [`pipeline::read`]: buffer the body, up to the limit;
-//! 3. [`pipeline::fingerprint`]: what makes two requests the same send;
+//! 3. channel (`pipeline/channel.rs`): which LINE channel the token belongs to, on
+//!    LINE's word (docs/channels.md); [`pipeline::fingerprint`]: what makes two
+//!    requests the same send;
 //! 4. [`pipeline::key`]: the bot's own key, or one derived from the fingerprint;
 //! 5. claim: [`store`] (replay, coalesce, or own the send);
 //! 6. [`pipeline::send`]: upstream, with retries under the same key;

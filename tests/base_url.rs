@@ -265,7 +265,12 @@ async fn exhausted_timeouts_are_a_504_with_a_reason() {
 #[tokio::test]
 async fn unreachable_upstream_is_a_502_after_bounded_attempts() {
     let mock = MockLine::start().await;
-    let mut proxy_args = vec!["--max-attempts=3".to_owned()];
+    // Token scope: with channel scope the token's lookup meets the closed port first
+    // (tests/channels.rs has that case); this test is about the send's own attempts.
+    let mut proxy_args = vec![
+        "--max-attempts=3".to_owned(),
+        "--key-scope=token".to_owned(),
+    ];
     // A port that was just free: nothing listens there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

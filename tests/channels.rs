@@ -402,3 +402,66 @@ async fn replicas_on_one_redis_share_the_channel_directory() {
     assert_eq!(resent.outcome(), "conflict-resolved");
     assert_eq!(mock.deliveries_for(&ch).len(), 3);
 }
+
+/// LINE unreachable for a token never seen: nothing can be keyed safely, so nothing is
+/// sent, within the bounded lookup attempts.
+#[tokio::test]
+async fn an_unreachable_line_for_an_unseen_token_is_a_503_not_a_send() {
+    let mock = MockLine::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let upstream = format!("--upstream=https://{closed}");
+    let proxy = Proxy::start(&mock, &[&upstream, "--max-attempts=3"]).await;
+    let reply = push_with(&proxy, "never-seen", &push_body("x")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["reason"], "channel_unknown");
+    assert_eq!(reply.json()["retryable"], true);
+    assert_eq!(
+        proxy
+            .metric("line_retry_proxy_channel_lookup_seconds_count")
+            .await,
+        3.0,
+        "max-attempts bounds the lookup's attempts too"
+    );
+}
+
+/// A bot that gives up while its token's lookup is out leaves the lookup running: the
+/// next send with that token waits for it instead of asking LINE again.
+#[tokio::test]
+async fn a_bot_that_gives_up_does_not_cancel_its_tokens_lookup() {
+    let mock = MockLine::start().await;
+    let proxy = Proxy::start(&mock, &[]).await;
+    let ch = mock.channel();
+    let token = mock.issue_token(&ch, TokenKind::Stateless);
+    let hold = mock.hold_lookups();
+    let url = proxy.url(PUSH);
+    let auth = bearer(&token);
+    let impatient = {
+        let (url, auth) = (url.clone(), auth.clone());
+        tokio::spawn(async move {
+            let headers = [("authorization", auth.as_str())];
+            support::proxy::try_send(Method::POST, &url, &headers, push_body("first")).await
+        })
+    };
+    mock.wait_lookups_held(1).await;
+    // The bot's own timeout: its request is dropped mid-lookup.
+    impatient.abort();
+    let _ = impatient.await;
+    // The proxy sees the bot go: its request is no longer in flight.
+    proxy
+        .wait_metric("line_retry_proxy_in_flight_requests", |n| n == 0.0)
+        .await;
+    let patient = tokio::spawn(async move {
+        let headers = [("authorization", auth.as_str())];
+        support::proxy::try_send(Method::POST, &url, &headers, push_body("second")).await
+    });
+    hold.release();
+    let reply = support::within(support::proxy::ANSWER_LIMIT, "the second send", patient)
+        .await
+        .unwrap()
+        .expect("an answer");
+    assert_eq!(reply.outcome(), "fresh");
+    assert_eq!(mock.lookup_count(), 1);
+}

@@ -215,6 +215,8 @@ fn plan_sends(seed: u64, n: usize) -> Vec<Send> {
 struct Told {
     /// The 2xx it finally got, if any.
     answer: Option<Reply>,
+    /// The Authorization the 2xx was got with.
+    token: String,
     /// A final non-2xx, non-5xx answer: never right for these sends.
     refused: Option<Reply>,
     tries: u32,
@@ -285,19 +287,26 @@ async fn bot(shared: Arc<Shared>, seed: u64) {
         let mut told = Told::default();
         let mut tried = HashSet::new();
         let first = rng.usize(..);
-        let first_token = rng.usize(..);
         let tokens = &shared.tokens[send.channel];
+        let mut token = rng.usize(..tokens.len());
         while told.tries < BOT_TRIES {
-            let token = &tokens[first_token.wrapping_add(told.tries as usize) % tokens.len()];
+            // Half the resends come with the channel's next token: a refresh, or another
+            // worker's. The others keep theirs, so replays across replicas still happen.
+            if told.tries > 0 && rng.bool() {
+                token = (token + 1) % tokens.len();
+            }
+            let token_text = &tokens[token];
             let addr = {
                 let addrs = proxies.borrow_and_update();
                 addrs[first.wrapping_add(told.tries as usize) % addrs.len()]
             };
             told.tries += 1;
             let fresh_replica = tried.insert(addr);
-            match tokio::time::timeout(BOT_TIMEOUT, try_once(&client, addr, send, token)).await {
+            match tokio::time::timeout(BOT_TIMEOUT, try_once(&client, addr, send, token_text)).await
+            {
                 Ok(Ok(reply)) if reply.status.is_success() => {
                     told.answer = Some(reply);
+                    told.token = format!("Bearer {token_text}");
                     told.fresh_replica = fresh_replica;
                     break;
                 }
@@ -344,6 +353,9 @@ struct Tally {
     outcomes: BTreeMap<String, usize>,
     /// Replays and coalesced answers from a proxy the send had not tried before.
     across: BTreeMap<String, usize>,
+    /// 2xx answers got with another token than the one LINE accepted the send under,
+    /// by outcome: the rotations LINE's 409 fenced.
+    rotated: BTreeMap<String, usize>,
     tries: u64,
     timeouts: u64,
     connection_errors: u64,
@@ -424,6 +436,9 @@ fn tally(
             ));
             continue;
         };
+        if delivery.authorization.as_deref() != Some(told.token.as_str()) {
+            *t.rotated.entry(outcome.clone()).or_default() += 1;
+        }
         if let Some(wrong) = mismatch(send, &answer, delivery) {
             t.mismatched.push(format!("{what} ({outcome}): {wrong}"));
         }
@@ -511,7 +526,7 @@ async fn soak(plan: Plan) {
     println!(
         "chaos: seed={seed} sends={} deliveries={} duplicates={} losses={} phantoms={} mismatched={} strays={} \
          p50={:?} p99={:?} max={:?} tries={} bot_timeouts={} bot_5xx={} {:?} bot_broken={} unconfirmed={} \
-         outcomes={:?} faults={faults:?} budget_refusals={refused} channel_lookups={lookups} {}{store} \
+         outcomes={:?} faults={faults:?} budget_refusals={refused} channel_lookups={lookups} rotated={:?} {}{store} \
          elapsed={elapsed:.1?}",
         plan.sends,
         tally.deliveries,
@@ -530,6 +545,7 @@ async fn soak(plan: Plan) {
         tally.connection_errors,
         tally.unconfirmed,
         tally.outcomes,
+        tally.rotated,
         plan.setup,
     );
 
@@ -561,6 +577,18 @@ async fn soak(plan: Plan) {
         show(&tally.losses)
     );
     assert_eq!(tally.strays, 0, "seed {seed}: deliveries no bot sent");
+    assert!(
+        tally.rotated.values().sum::<usize>() > 0,
+        "seed {seed}: no resend with another token was ever answered"
+    );
+    assert!(
+        tally
+            .rotated
+            .keys()
+            .all(|outcome| outcome == "conflict-resolved"),
+        "seed {seed}: another token's answer was given without asking LINE: {:?}",
+        tally.rotated
+    );
     // Each token is looked up at most once by each proxy that ever ran: a Redis
     // replica keeps its own cache across a Redis restart, a restarted proxy starts empty.
     let lifetimes = match plan.setup {

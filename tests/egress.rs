@@ -155,6 +155,8 @@ async fn wrong_credentials_are_a_502_and_nothing_reaches_line() {
             "--tunnel-allow=127.0.0.1",
             "--max-attempts=3",
             &upstream_proxy_flag(&egress),
+            // The send's own attempts through the egress proxy, not a channel lookup's.
+            "--key-scope=token",
         ],
     )
     .await;
@@ -214,6 +216,8 @@ async fn a_silent_egress_proxy_is_bounded_by_the_attempt_timeout() {
             "--attempt-timeout=300ms",
             "--max-attempts=2",
             &format!("--upstream-proxy=http://{silent_addr}"),
+            // The send's own attempts through the egress proxy, not a channel lookup's.
+            "--key-scope=token",
         ],
     )
     .await;
@@ -301,7 +305,13 @@ async fn credentials_never_reach_the_log() {
     let https_proxy = egress.url_with(USER_ENCODED, PASSWORD_ENCODED);
     let mut process = Process::start(
         &mock,
-        &["--upstream-proxy=env", "--max-attempts=2"],
+        // Token scope: these tests are about the send's own attempts through the egress
+        // proxy, which a channel lookup would otherwise meet first.
+        &[
+            "--upstream-proxy=env",
+            "--max-attempts=2",
+            "--key-scope=token",
+        ],
         &[
             ("HTTPS_PROXY", &https_proxy),
             // Every debug line, hyper's and rustls' included.

@@ -64,6 +64,12 @@ pub struct LookupFailed {
     pub last: AttemptFailure,
 }
 
+/// A lookup that gave no answer within the request's deadline.
+const NO_ANSWER: LookupFailed = LookupFailed {
+    attempts: 0,
+    last: AttemptFailure::Timeout,
+};
+
 #[derive(Clone)]
 struct Entry {
     channel: ChannelId,
@@ -142,7 +148,7 @@ impl Drop for PendingGuard<'_> {
 impl Pipeline {
     /// The channel of `token`, by the cheapest way that knows it, within `deadline`.
     pub(super) async fn channel_of(
-        &self,
+        self: &Arc<Self>,
         token: &str,
         tag: TokenTag,
         deadline: Instant,
@@ -162,10 +168,7 @@ impl Pipeline {
             Err(_) => self.metrics.store_error(),
         }
         let looked = tokio::time::timeout_at(deadline, self.lookup(token, tag, deadline)).await;
-        let result = looked.unwrap_or(Err(LookupFailed {
-            attempts: 0,
-            last: AttemptFailure::Timeout,
-        }));
+        let result = looked.unwrap_or(Err(NO_ANSWER));
         match &result {
             Ok(Vouched::Channel(_)) => self.metrics.channel(ChannelSource::BotInfo),
             Ok(Vouched::Rejected) => self.metrics.channel(ChannelSource::Rejected),
@@ -174,58 +177,53 @@ impl Pipeline {
         result
     }
 
-    /// One lookup per token at a time: the first request asks LINE, the others wait
-    /// for its answer (or take over if its request goes away).
+    /// One lookup per token at a time, in a task of its own: the requests that need it
+    /// wait for its answer, and a request that goes away (a bot's timeout) leaves it
+    /// running for the next one instead of making that one ask LINE again.
     async fn lookup(
-        &self,
+        self: &Arc<Self>,
         token: &str,
         tag: TokenTag,
         deadline: Instant,
     ) -> Result<Vouched, LookupFailed> {
-        loop {
-            let leader = {
-                let mut pending = self.channels.pending();
-                match pending.get(&tag) {
-                    Some(waiting) => Err(waiting.clone()),
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        pending.insert(tag, rx);
-                        Ok(tx)
-                    }
-                }
-            };
-            match leader {
-                Ok(tx) => {
-                    let _guard = PendingGuard(&self.channels, tag);
-                    let result = self.ask_line(token, deadline).await;
-                    if let Ok(Vouched::Channel(channel)) = &result {
-                        self.channels.remember(tag, channel.clone(), CHANNEL_TTL);
-                        if self
-                            .store
-                            .record_channel(&ChannelName::Token(tag), channel, CHANNEL_TTL)
-                            .await
-                            .is_err()
-                        {
-                            self.metrics.store_error();
+        let mut answer = {
+            let mut pending = self.channels.pending();
+            match pending.get(&tag) {
+                Some(waiting) => waiting.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    pending.insert(tag, rx.clone());
+                    let pipeline = self.clone();
+                    let token = token.to_owned();
+                    self.tasks.spawn(async move {
+                        let _guard = PendingGuard(&pipeline.channels, tag);
+                        let result = pipeline.ask_line(&token, deadline).await;
+                        if let Ok(Vouched::Channel(channel)) = &result {
+                            pipeline
+                                .channels
+                                .remember(tag, channel.clone(), CHANNEL_TTL);
+                            let name = ChannelName::Token(tag);
+                            if pipeline
+                                .store
+                                .record_channel(&name, channel, CHANNEL_TTL)
+                                .await
+                                .is_err()
+                            {
+                                pipeline.metrics.store_error();
+                            }
                         }
-                    }
-                    tx.send_replace(Some(result.clone()));
-                    return result;
-                }
-                Err(mut waiting) => {
-                    if let Ok(answer) = waiting.wait_for(Option::is_some).await {
-                        if let Some(result) = answer.clone() {
-                            return result;
-                        }
-                    }
-                    // The first request went away before LINE answered: ask again,
-                    // unless its answer was cached meanwhile.
-                    if let Some(entry) = self.channels.tokens.get(&tag) {
-                        return Ok(Vouched::Channel(entry.channel));
-                    }
+                        tx.send_replace(Some(result));
+                    });
+                    rx
                 }
             }
-        }
+        };
+        let result = match answer.wait_for(Option::is_some).await {
+            Ok(result) => result.clone().unwrap_or(Err(NO_ANSWER)),
+            // The lookup's task ended without an answer: only a panic does that.
+            Err(_) => Err(NO_ANSWER),
+        };
+        result
     }
 
     /// `GET /v2/bot/info` under the token, retried as a send is (it is idempotent):

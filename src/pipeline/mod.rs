@@ -349,7 +349,11 @@ impl Pipeline {
     }
 
     /// Phase 3a: who is sending, as far as keys and replays are concerned.
-    async fn caller(&self, headers: &HeaderMap, deadline: Instant) -> Result<Caller, ProxyError> {
+    async fn caller(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        deadline: Instant,
+    ) -> Result<Caller, ProxyError> {
         let token = fingerprint::bearer_token(headers);
         let tag = match token {
             Some(token) => fingerprint::token_tag(token.as_bytes()),
