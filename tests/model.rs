@@ -130,7 +130,10 @@ struct Accepted {
 
 /// A keyed request that reached LINE.
 struct Arrival {
+    /// The bot request it was made for.
     ask: usize,
+    token: Option<Token>,
+    key: String,
 }
 
 /// An answer of LINE's to a keyed request that reached the proxy.
@@ -464,7 +467,11 @@ impl ModelLine {
             .unwrap();
         let fault = {
             let mut s = self.state();
-            s.arrivals.push(Arrival { ask });
+            s.arrivals.push(Arrival {
+                ask,
+                token,
+                key: key.clone(),
+            });
             s.faults.pop_front()
         };
         let fault_id = self.state().next_request_id("fault");
@@ -710,6 +717,21 @@ fn check(
             prop_assert!(
                 obtained.is_some(),
                 "c{c}m{m} with {token:?} told {} ({outcome}) with request id {id}, key {key}: no such answer of LINE's to that token",
+                t.status
+            );
+        }
+        // The proxy's own answers to a send (its deadline passed, LINE unreachable)
+        // name no request of LINE's: one replayed or coalesced was still made for a
+        // request that went out with the bot's own token, under the key it is shown.
+        if t.request_id.is_none() && matches!(outcome, "replayed" | "coalesced") {
+            let key = t.key.as_deref().unwrap_or_default();
+            let own = s
+                .arrivals
+                .iter()
+                .any(|a| a.token == Some(token) && a.key == key && a.ask != t.bot.ask);
+            prop_assert!(
+                own,
+                "c{c}m{m} with {token:?} told {} ({outcome}), key {key}: no request with that token sent under that key",
                 t.status
             );
         }
