@@ -1009,7 +1009,7 @@ fn play(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     /// The default 24 h window, with restarts: LINE's 409 stands in for the lost store.
     #[test]
