@@ -89,6 +89,20 @@ def compose_mounts(name, service):
     return out
 
 
+def check_compose_hardening(where, services):
+    """Every service: a restart policy, CPU and memory limits, a read-only root
+    filesystem, no capabilities, no-new-privileges."""
+    for name, service in services.items():
+        sw = f"{where}: {name}"
+        check(service.get("restart") in ("always", "unless-stopped", "on-failure"), f"{sw} needs a restart policy")
+        limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
+        check({"cpus", "memory"} <= set(limits), f"{sw} needs deploy.resources.limits for cpus and memory")
+        check(service.get("read_only") is True, f"{sw} must have a read-only root filesystem (read_only: true)")
+        check(service.get("cap_drop") == ["ALL"], f"{sw} must drop every capability (cap_drop: [ALL])")
+        check("no-new-privileges:true" in service.get("security_opt", []), f"{sw} must set security_opt no-new-privileges:true")
+        check(not service.get("cap_add") and not service.get("privileged"), f"{sw} must not add privileges back")
+
+
 def check_compose_prometheus(path, services, admin_port):
     """The monitoring profile: its files exist, sit side by side as prometheus.yml
     expects, and it scrapes the proxy's admin port."""
@@ -156,6 +170,7 @@ def check_compose(known, image):
     for var in TRUST_VARS:
         check(benv.get(var) == bundle, f"compose: bot {var} must be {bundle}")
     check_compose_prometheus(path, services, admin_port)
+    check_compose_hardening("compose", services)
     check("ca --bundle > bundle.pem" in path.read_text(),
           "compose: the header must show how bundle.pem is made (ca --bundle > bundle.pem)")
 
@@ -208,6 +223,7 @@ def check_replicas(known, image):
         check(benv.get(var) == bundle, f"replicas: bot {var} must be {bundle}")
     check("ca --bundle > bundle.pem" in path.read_text(),
           "replicas: the header must show how bundle.pem is made (ca --bundle > bundle.pem)")
+    check_compose_hardening("replicas", services)
 
 
 def k8s_probe_target(container, probe):
