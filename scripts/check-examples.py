@@ -344,20 +344,42 @@ def check_dockerfile(binary):
     check(len(stages) >= 2, "Dockerfile: must be multi-stage")
     build, final = stages[0], stages[-1]
     runs = [i.args for i in build.instructions if i.keyword == "RUN"]
-    check(any(r.startswith("scripts/build-release.sh") for r in runs),
-          "Dockerfile: must build with scripts/build-release.sh (what CI runs)")
+    release = [r for r in runs if re.search(r"(^|&&\s*)scripts/build-release\.sh", r)]
+    check(release, "Dockerfile: must build with scripts/build-release.sh (what CI runs)")
+    # The dependency layer: cargo builds stand-in crate roots before the sources are
+    # copied. COPY keeps the sources' older modification times, so the release build
+    # must touch the roots, or cargo takes the stand-in for up to date and ships it.
+    copy_src = next((n for n, i in enumerate(build.instructions)
+                     if i.keyword == "COPY" and replay.copy_operands(i)[1] == ["src"]), None)
+    deps = [i for i in build.instructions[:copy_src or 0] if i.keyword == "RUN" and "cargo build" in i.args]
+    check(deps, "Dockerfile: no dependency layer (cargo build before COPY src), so every source change rebuilds every crate")
+    check(not deps or all(re.search(r"touch src/main\.rs src/lib\.rs &&", r) for r in release),
+          "Dockerfile: after the dependency layer the release build must `touch src/main.rs src/lib.rs` first")
     last = {}
-    envs, volumes, exposed, copied_to = {}, [], set(), []
+    envs, labels, volumes, exposed, copied_to = {}, {}, [], set(), []
     for ins in final.instructions:
         last[ins.keyword] = ins.args
         if ins.keyword == "ENV":
             envs.update(replay.parse_env(ins.args, ins))
+        elif ins.keyword == "LABEL":
+            labels.update(replay.parse_env(ins.args, ins))
         elif ins.keyword == "VOLUME":
             volumes.extend(json.loads(ins.args) if ins.args.startswith("[") else ins.args.split())
         elif ins.keyword == "EXPOSE":
             exposed.update(int(p.split("/")[0]) for p in ins.args.split())
         elif ins.keyword == "COPY":
             copied_to.append(replay.copy_operands(ins)[2])
+    manifest = (ROOT / "Cargo.toml").read_text()
+    license_ = re.search(r'^license = "([^"]+)"', manifest, re.M).group(1)
+    oci = "org.opencontainers.image."
+    check(labels.get(oci + "version") == cargo_version(),
+          f"Dockerfile: label {oci}version must be the crate version {cargo_version()}")
+    check(labels.get(oci + "licenses") == license_, f"Dockerfile: label {oci}licenses must be the crate's {license_}")
+    for key in ("title", "description", "source"):
+        check(oci + key in labels, f"Dockerfile: no label {oci}{key}")
+    header = "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("#"))
+    check(f"docker build -t line-retry-proxy:{cargo_version()} ." in header,
+          f"Dockerfile: the header must build the versioned tag line-retry-proxy:{cargo_version()}")
     user = last.get("USER", "0").split(":")[0]
     check(user not in ("0", "root"), "Dockerfile: must run as non-root")
     ca_dir = envs.get("LINE_RETRY_PROXY_CA_DIR")
@@ -385,7 +407,7 @@ def main():
     for f in failures:
         print(f"FAIL {f}")
     checks = ("compose with its monitoring profile, replicas with Redis, Kubernetes sidecar pod and replicas, "
-              "Dockerfile runtime stage")
+              "Dockerfile dependency layer, labels and runtime stage")
     if failures:
         print(f"examples: {len(failures)} problem(s)")
         sys.exit(1)
