@@ -12,6 +12,8 @@ call it made is held against the unit's own lines:
     directory (the state directory);
   - ProcSubset=pid and PrivateDevices: no /proc file outside a process's own
     directory, no device beyond those PrivateDevices leaves.
+And TimeoutStopSec is above the shutdown-grace the sample config gives, as
+check-config reads it, so that systemd never kills a drain.
 What it cannot show: the paths a run did not take (a Redis store, an egress proxy),
 and the kernel's own enforcement, which needs systemd as PID 1.
 
@@ -195,12 +197,29 @@ def check_trace(text, settings, allowed, ca_dir):
     return seen, sockets
 
 
+def seconds(duration):
+    units = {"ms": 0.001, "s": 1, "min": 60, "m": 60, "h": 3600}
+    found = re.findall(r"(\d+)\s*(ms|min|s|m|h)?", duration)
+    return sum(int(n) * units[u or "s"] for n, u in found)
+
+
+def check_stop_timeout(settings, binary, config, work):
+    effective = subprocess.run([binary, "check-config", "--config", config], capture_output=True, text=True,
+                               env=dict(os.environ, LINE_RETRY_PROXY_CA_DIR=str(work / "ca")), check=True).stdout
+    grace = re.search(r'^shutdown-grace = "([^"]+)"', effective, re.M).group(1)
+    stop = settings.get("TimeoutStopSec", ["90s"])[-1]
+    if not seconds(stop) > seconds(grace):
+        failures.append(f"TimeoutStopSec={stop} must be above shutdown-grace {grace}, or systemd kills the drain")
+    return stop, grace
+
+
 def main():
     unit, binary, config = sys.argv[1], os.path.abspath(sys.argv[2]), os.path.abspath(sys.argv[3])
     settings = unit_settings(unit)
     allowed = allowed_syscalls(settings)
     with tempfile.TemporaryDirectory(prefix="check-systemd-") as tmp:
         work = Path(tmp)
+        stop, grace = check_stop_timeout(settings, binary, config, work)
         text, ca_dir = exercise(binary, config, work)
         seen, sockets = check_trace(text, settings, allowed, ca_dir)
     for f in sorted(set(failures)):
@@ -210,7 +229,8 @@ def main():
         sys.exit(1)
     print(f"check-systemd-sandbox: ok ({len(seen)} distinct system calls, all within the unit's SystemCallFilter "
           f"({len(allowed)} allowed); sockets {', '.join(sorted(sockets))}; no writable and executable mapping; "
-          f"writes only in the CA directory; no /proc file beyond the process's own, no device beyond PrivateDevices)")
+          f"writes only in the CA directory; no /proc file beyond the process's own, no device beyond PrivateDevices; "
+          f"TimeoutStopSec={stop} above shutdown-grace {grace})")
 
 
 if __name__ == "__main__":

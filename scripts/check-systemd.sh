@@ -5,8 +5,9 @@
 #   2. `systemd-analyze security --offline`: the exposure score, printed, and held
 #      at or below the one README "Deploying it" gives;
 #   3. with a binary: the sample TOML passes `check-config`, the sample env file names
-#      only options of the binary, and the binary run through a service's life under
-#      strace keeps within the unit's sandbox (scripts/check-systemd-sandbox.py).
+#      only options of the binary, TimeoutStopSec is above its shutdown-grace, and the
+#      binary run through a service's life under strace keeps within the unit's
+#      sandbox (scripts/check-systemd-sandbox.py).
 #
 # verify checks that ExecStart's and ExecReload's programs exist, and resolves the
 # unit's dependencies (network-online.target, multi-user.target, ...). It runs
