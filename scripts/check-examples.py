@@ -46,6 +46,7 @@ def check_image(where, image, pull_policy="not kubernetes"):
 def check(cond, what):
     if not cond:
         failures.append(what)
+    return cond
 
 
 def known_env_names(binary):
@@ -86,6 +87,20 @@ def compose_mounts(name, service):
                       f"compose: {name} bind mount {source} must set create_host_path: false")
         out.append((source, target))
     return out
+
+
+def check_compose_hardening(where, services):
+    """Every service: a restart policy, CPU and memory limits, a read-only root
+    filesystem, no capabilities, no-new-privileges."""
+    for name, service in services.items():
+        sw = f"{where}: {name}"
+        check(service.get("restart") in ("always", "unless-stopped", "on-failure"), f"{sw} needs a restart policy")
+        limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
+        check({"cpus", "memory"} <= set(limits), f"{sw} needs deploy.resources.limits for cpus and memory")
+        check(service.get("read_only") is True, f"{sw} must have a read-only root filesystem (read_only: true)")
+        check(service.get("cap_drop") == ["ALL"], f"{sw} must drop every capability (cap_drop: [ALL])")
+        check("no-new-privileges:true" in service.get("security_opt", []), f"{sw} must set security_opt no-new-privileges:true")
+        check(not service.get("cap_add") and not service.get("privileged"), f"{sw} must not add privileges back")
 
 
 def check_compose_prometheus(path, services, admin_port):
@@ -155,6 +170,7 @@ def check_compose(known, image):
     for var in TRUST_VARS:
         check(benv.get(var) == bundle, f"compose: bot {var} must be {bundle}")
     check_compose_prometheus(path, services, admin_port)
+    check_compose_hardening("compose", services)
     check("ca --bundle > bundle.pem" in path.read_text(),
           "compose: the header must show how bundle.pem is made (ca --bundle > bundle.pem)")
 
@@ -207,34 +223,64 @@ def check_replicas(known, image):
         check(benv.get(var) == bundle, f"replicas: bot {var} must be {bundle}")
     check("ca --bundle > bundle.pem" in path.read_text(),
           "replicas: the header must show how bundle.pem is made (ca --bundle > bundle.pem)")
+    check_compose_hardening("replicas", services)
+
+
+def k8s_probe_target(container, probe):
+    """(path, port number) of an httpGet probe, the port resolved by name."""
+    get = container.get(probe, {}).get("httpGet", {})
+    port = get.get("port")
+    if not isinstance(port, int):
+        port = next((p["containerPort"] for p in container.get("ports", []) if p.get("name") == port), None)
+    return get.get("path"), port
+
+
+def check_k8s_proxy(where, proxy, known, binary, image_ca_dir):
+    """What a proxy container in a Kubernetes example must agree on with the binary and
+    the image: env names, declared ports, probes on the admin port, the CA directory."""
+    penv = env_of(proxy)
+    check_env_names(f"{where} proxy", penv, known)
+    check_image(f"{where} proxy", proxy.get("image", ""), proxy.get("imagePullPolicy"))
+    listen = penv.get("LINE_RETRY_PROXY_LISTEN", "127.0.0.1:8080")
+    admin = penv.get("LINE_RETRY_PROXY_ADMIN_LISTEN", "127.0.0.1:9090")
+    ports = {p["containerPort"] for p in proxy["ports"]}
+    check(port_of(listen) in ports, f"{where}: listen port not declared")
+    check(port_of(admin) in ports, f"{where}: admin port not declared")
+    check(admin.startswith("0.0.0.0:"), f"{where}: the admin listener must be on 0.0.0.0 for the kubelet's probes and Prometheus")
+    # Distinct probes: liveness must not fail while the proxy drains (/readyz is 503 then).
+    check(k8s_probe_target(proxy, "readinessProbe") == ("/readyz", port_of(admin)), f"{where}: readinessProbe must GET /readyz on the admin port")
+    check(k8s_probe_target(proxy, "livenessProbe") == ("/healthz", port_of(admin)), f"{where}: livenessProbe must GET /healthz on the admin port")
+    check(proxy.get("command") in (None, [binary]), f"{where}: the proxy must run the image's entrypoint")
+    ca_dir = penv.get("LINE_RETRY_PROXY_CA_DIR")
+    check(ca_dir == image_ca_dir, f"{where}: the CA dir must be the image's {image_ca_dir}")
+    return penv, listen
 
 
 def check_pod(known, image):
     binary, image_ca_dir = image
     doc = yaml.safe_load((ROOT / "examples/kubernetes/pod.yaml").read_text())
     check(doc["kind"] == "Pod", "pod: kind must be Pod")
+    # The proxy is a native sidecar (an init container that keeps running); the bot is
+    # the pod's container.
+    sidecars = {c["name"]: c for c in doc["spec"].get("initContainers", [])}
     containers = {c["name"]: c for c in doc["spec"]["containers"]}
-    proxy, bot = containers["line-retry-proxy"], next(c for n, c in containers.items() if n != "line-retry-proxy")
-    penv, benv = env_of(proxy), env_of(bot)
-    check_env_names("pod proxy", penv, known)
-    listen = penv.get("LINE_RETRY_PROXY_LISTEN", "127.0.0.1:8080")
-    ports = {p["containerPort"] for p in proxy["ports"]}
-    check(port_of(listen) in ports, "pod: listen port not declared")
-    check(port_of(penv.get("LINE_RETRY_PROXY_ADMIN_LISTEN", "127.0.0.1:9090")) in ports, "pod: admin port not declared")
+    proxy = sidecars.get("line-retry-proxy") or containers.get("line-retry-proxy")
+    if not check(proxy is not None, "pod: no line-retry-proxy container"):
+        return
+    check(proxy in containers.values() or proxy.get("restartPolicy") == "Always",
+          "pod: the proxy as an init container must be a sidecar (restartPolicy: Always), or the bot never starts")
+    bot = next(c for n, c in containers.items() if n != "line-retry-proxy")
+    penv, listen = check_k8s_proxy("pod", proxy, known, binary, image_ca_dir)
+    benv = env_of(bot)
     check(benv.get("HTTPS_PROXY") == f"http://127.0.0.1:{port_of(listen)}", "pod: bot HTTPS_PROXY must be the sidecar on loopback")
-    for probe in ("readinessProbe", "livenessProbe"):
-        check(proxy[probe]["exec"]["command"] == [binary, "healthcheck"], f"pod: {probe} must run the image's healthcheck subcommand")
-    check_image("pod proxy", proxy.get("image", ""), proxy.get("imagePullPolicy"))
     check(listen.startswith("127.0.0.1:"), "pod: the proxy listener must stay on loopback (the bot shares it)")
     admin = penv.get("LINE_RETRY_PROXY_ADMIN_LISTEN", "127.0.0.1:9090")
-    check(admin.startswith("0.0.0.0:"), "pod: the admin listener must be on 0.0.0.0 so Prometheus can scrape it")
     annotations = doc["metadata"].get("annotations", {})
     check(annotations.get("prometheus.io/port") == str(port_of(admin)), "pod: prometheus.io/port must be the admin port")
     check(annotations.get("prometheus.io/scrape") == "true", "pod: prometheus.io/scrape must be \"true\"")
 
     volumes = {v["name"]: v for v in doc["spec"]["volumes"]}
     ca_dir = penv["LINE_RETRY_PROXY_CA_DIR"]
-    check(ca_dir == image_ca_dir, f"pod: the CA dir must be the image's {image_ca_dir}")
     pmounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
     check(ca_dir in pmounts, "pod: the proxy's CA dir is not mounted")
     ca_secret = volumes.get(pmounts.get(ca_dir), {}).get("secret", {}).get("secretName")
@@ -255,6 +301,34 @@ def check_pod(known, image):
     for var in TRUST_VARS:
         check(benv.get(var) == bundle, f"pod: bot {var} must be {bundle}")
     check(doc["spec"]["securityContext"].get("runAsNonRoot") is True, "pod: must run as non-root")
+    check("ca --bundle > bundle.pem" in (ROOT / "examples/kubernetes/pod.yaml").read_text(),
+          "pod: the header must show how bundle.pem is made (ca --bundle > bundle.pem)")
+
+
+def check_k8s_replicas(known, image):
+    """The shared-service Deployment: it listens beyond loopback for the Service, keeps
+    its answers in a Redis named by a Secret, and its CA comes from a Secret too."""
+    binary, image_ca_dir = image
+    path = ROOT / "examples/kubernetes/replicas/deployment.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    deployment = next((d for d in docs if d["kind"] == "Deployment"), None)
+    if not check(deployment is not None, "k8s replicas: no Deployment"):
+        return
+    spec = deployment["spec"]["template"]["spec"]
+    proxy = next((c for c in spec["containers"] if c["name"] == "line-retry-proxy"), None)
+    if not check(proxy is not None, "k8s replicas: no line-retry-proxy container"):
+        return
+    check(deployment["spec"].get("replicas", 1) >= 2, "k8s replicas: the proxy must run at least two replicas")
+    penv, listen = check_k8s_proxy("k8s replicas", proxy, known, binary, image_ca_dir)
+    check(listen.startswith("0.0.0.0:"), "k8s replicas: the proxy must listen on 0.0.0.0 explicitly to serve other pods")
+    store = next((e for e in proxy["env"] if e["name"] == "LINE_RETRY_PROXY_STORE"), {})
+    check("secretKeyRef" in store.get("valueFrom", {}), "k8s replicas: LINE_RETRY_PROXY_STORE must come from a Secret")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in proxy.get("volumeMounts", [])}
+    check("secret" in volumes.get(mounts.get(penv.get("LINE_RETRY_PROXY_CA_DIR")), {}),
+          "k8s replicas: the CA dir must come from a Secret, one CA for every replica")
+    check("ca --bundle > bundle.pem" in path.read_text(),
+          "k8s replicas: the header must show how bundle.pem is made (ca --bundle > bundle.pem)")
 
 
 def default_ports(binary):
@@ -270,20 +344,42 @@ def check_dockerfile(binary):
     check(len(stages) >= 2, "Dockerfile: must be multi-stage")
     build, final = stages[0], stages[-1]
     runs = [i.args for i in build.instructions if i.keyword == "RUN"]
-    check(any(r.startswith("scripts/build-release.sh") for r in runs),
-          "Dockerfile: must build with scripts/build-release.sh (what CI runs)")
+    release = [r for r in runs if re.search(r"(^|&&\s*)scripts/build-release\.sh", r)]
+    check(release, "Dockerfile: must build with scripts/build-release.sh (what CI runs)")
+    # The dependency layer: cargo builds stand-in crate roots before the sources are
+    # copied. COPY keeps the sources' older modification times, so the release build
+    # must touch the roots, or cargo takes the stand-in for up to date and ships it.
+    copy_src = next((n for n, i in enumerate(build.instructions)
+                     if i.keyword == "COPY" and replay.copy_operands(i)[1] == ["src"]), None)
+    deps = [i for i in build.instructions[:copy_src or 0] if i.keyword == "RUN" and "cargo build" in i.args]
+    check(deps, "Dockerfile: no dependency layer (cargo build before COPY src), so every source change rebuilds every crate")
+    check(not deps or all(re.search(r"touch src/main\.rs src/lib\.rs &&", r) for r in release),
+          "Dockerfile: after the dependency layer the release build must `touch src/main.rs src/lib.rs` first")
     last = {}
-    envs, volumes, exposed, copied_to = {}, [], set(), []
+    envs, labels, volumes, exposed, copied_to = {}, {}, [], set(), []
     for ins in final.instructions:
         last[ins.keyword] = ins.args
         if ins.keyword == "ENV":
             envs.update(replay.parse_env(ins.args, ins))
+        elif ins.keyword == "LABEL":
+            labels.update(replay.parse_env(ins.args, ins))
         elif ins.keyword == "VOLUME":
             volumes.extend(json.loads(ins.args) if ins.args.startswith("[") else ins.args.split())
         elif ins.keyword == "EXPOSE":
             exposed.update(int(p.split("/")[0]) for p in ins.args.split())
         elif ins.keyword == "COPY":
             copied_to.append(replay.copy_operands(ins)[2])
+    manifest = (ROOT / "Cargo.toml").read_text()
+    license_ = re.search(r'^license = "([^"]+)"', manifest, re.M).group(1)
+    oci = "org.opencontainers.image."
+    check(labels.get(oci + "version") == cargo_version(),
+          f"Dockerfile: label {oci}version must be the crate version {cargo_version()}")
+    check(labels.get(oci + "licenses") == license_, f"Dockerfile: label {oci}licenses must be the crate's {license_}")
+    for key in ("title", "description", "source"):
+        check(oci + key in labels, f"Dockerfile: no label {oci}{key}")
+    header = "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("#"))
+    check(f"docker build -t line-retry-proxy:{cargo_version()} ." in header,
+          f"Dockerfile: the header must build the versioned tag line-retry-proxy:{cargo_version()}")
     user = last.get("USER", "0").split(":")[0]
     check(user not in ("0", "root"), "Dockerfile: must run as non-root")
     ca_dir = envs.get("LINE_RETRY_PROXY_CA_DIR")
@@ -307,9 +403,11 @@ def main():
     check_compose(known, image)
     check_replicas(known, image)
     check_pod(known, image)
+    check_k8s_replicas(known, image)
     for f in failures:
         print(f"FAIL {f}")
-    checks = "compose with its monitoring profile, replicas with Redis, pod, Dockerfile runtime stage"
+    checks = ("compose with its monitoring profile, replicas with Redis, Kubernetes sidecar pod and replicas, "
+              "Dockerfile dependency layer, labels and runtime stage")
     if failures:
         print(f"examples: {len(failures)} problem(s)")
         sys.exit(1)
