@@ -2,7 +2,7 @@
 # Multi-stage: build with the Rust toolchain, ship only the binary on a distroless,
 # non-root base with glibc. Build it tagged with the crate's version (never :latest,
 # which Kubernetes would try to pull):
-#   docker build -t line-retry-proxy:0.1.0 .
+#   docker build -t line-retry-proxy:0.2.0 .
 # Add --build-arg SOURCE_URL=<your repository's URL> to fill the source label.
 
 FROM rust:1-bookworm AS build
@@ -30,7 +30,7 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="line-retry-proxy" \
       org.opencontainers.image.description="A proxy that gives LINE Messaging API bots retry safety: derived X-Line-Retry-Key, internal retries, replay" \
-      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.version="0.2.0" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="${SOURCE_URL}"
 COPY --from=build /src/dist/line-retry-proxy /usr/local/bin/line-retry-proxy
