@@ -560,7 +560,10 @@ async fn metrics_count_what_happened() {
             .await,
         2.0
     );
-    assert_eq!(proxy.metric(&m("store_entries")).await, 1.0);
+    // Redis counts the keys of its database: the answer and the token's channel there.
+    let on_redis = std::env::var("LINE_RETRY_PROXY_TEST_STORE").as_deref() == Ok("redis");
+    let entries = if on_redis { 2.0 } else { 1.0 };
+    assert_eq!(proxy.metric(&m("store_entries")).await, entries);
     assert!(proxy.metric(&m("store_bytes")).await > 0.0);
 }
 

@@ -116,8 +116,14 @@ async fn tokens_issued_through_the_proxy_need_one_lookup_per_channel() {
     let proxy = Proxy::start(&mock, NO_RETRY).await;
     let ch = mock.channel();
     let (first, _) = issue_through(&proxy, "/oauth2/v3/token", &stateless_form(&ch)).await;
-    // The first token of a channel id is looked up once, right after its issuance.
-    mock.wait_lookups(1).await;
+    // The first token of a channel id is looked up once, right after its issuance;
+    // from then on the channel id is known.
+    proxy
+        .wait_metric(
+            "line_retry_proxy_channel_lookups_total{source=\"bot_info\"}",
+            |n| n >= 1.0,
+        )
+        .await;
     let v21 = format!(
         "grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={}",
         client_assertion(&ch)

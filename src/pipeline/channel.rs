@@ -329,9 +329,10 @@ impl Pipeline {
                     _ => return,
                 },
             };
-            pipeline.metrics.channel(source);
             pipeline.channels.ids.insert(id, channel.clone());
             pipeline.channels.remember(tag, channel.clone(), lifetime);
+            // Counted once known: a test (or an operator) that sees the count can rely on it.
+            pipeline.metrics.channel(source);
             let ttl = lifetime.min(CHANNEL_TTL);
             let _ = pipeline
                 .store
