@@ -29,7 +29,7 @@ use moka::sync::Cache;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::send::read_answer;
+use super::send::{read_answer, MIN_ATTEMPT_TIME};
 use super::Pipeline;
 use crate::body::full;
 use crate::domain::{AttemptFailure, ChannelId, TokenTag};
@@ -284,7 +284,7 @@ impl Pipeline {
             };
             let wait = policy.backoff.delay(attempt, &mut rng);
             let fits = Instant::now()
-                .checked_add(wait + policy.attempt_timeout.min(Duration::from_millis(200)))
+                .checked_add(wait + MIN_ATTEMPT_TIME.min(policy.attempt_timeout))
                 .is_some_and(|next| next <= deadline);
             if attempt >= policy.max_attempts || !fits {
                 return Err(LookupFailed {

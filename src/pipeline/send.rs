@@ -26,7 +26,7 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// A retry is started only if at least this much of an attempt (or the whole attempt
 /// timeout, if shorter) fits before the deadline: an attempt cut off at once may
 /// still be accepted by LINE, and only adds an unknown outcome.
-const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(200);
+pub(super) const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(200);
 
 /// The request as it goes upstream, reusable across attempts without copying the body.
 pub struct Outbound {
