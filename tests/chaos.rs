@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
-use support::mock_line::{Chaos, Delivery, MockLine, TokenKind};
+use support::mock_line::{Chaos, Delivery, Lookup, MockLine, TokenKind};
 use support::proxy::{Proxy, Reply, STOP_LIMIT};
 use support::redis::RedisServer;
 use support::{eventually, within};
@@ -290,9 +290,10 @@ async fn bot(shared: Arc<Shared>, seed: u64) {
         let tokens = &shared.tokens[send.channel];
         let mut token = rng.usize(..tokens.len());
         while told.tries < BOT_TRIES {
-            // Half the resends come with the channel's next token: a refresh, or another
-            // worker's. The others keep theirs, so replays across replicas still happen.
-            if told.tries > 0 && rng.bool() {
+            // Three resends in four come with the channel's next token: a refresh, or
+            // another worker's; often enough that every soak meets a rotation across a
+            // delivery. The others keep theirs, so replays across replicas still happen.
+            if told.tries > 0 && rng.u8(..4) != 0 {
                 token = (token + 1) % tokens.len();
             }
             let token_text = &tokens[token];
@@ -364,12 +365,14 @@ struct Tally {
     latencies: Vec<Duration>,
 }
 
-/// `channel_ids` names each of the run's channels as LINE's deliveries do.
+/// `channel_ids` names each of the run's channels as LINE's deliveries do; `asked`
+/// holds each (authorization, retry key) LINE was sent.
 fn tally(
     sends: &[Send],
     channel_ids: &[String],
     told: Vec<Option<Told>>,
     deliveries: Vec<Delivery>,
+    asked: &HashSet<(String, String)>,
 ) -> Tally {
     let mut t = Tally {
         deliveries: deliveries.len(),
@@ -437,7 +440,17 @@ fn tally(
             continue;
         };
         if delivery.authorization.as_deref() != Some(told.token.as_str()) {
-            *t.rotated.entry(outcome.clone()).or_default() += 1;
+            // A replay or a coalesced answer is fine for a token LINE itself answered
+            // for this key (its 409): the answer is that token's own.
+            let this_token_asked = delivery
+                .retry_key
+                .as_ref()
+                .is_some_and(|key| asked.contains(&(told.token.clone(), key.clone())));
+            let rotated = match outcome.as_str() {
+                "replayed" | "coalesced" if this_token_asked => "kept-for-a-token-line-answered",
+                other => other,
+            };
+            *t.rotated.entry(rotated.to_owned()).or_default() += 1;
         }
         if let Some(wrong) = mismatch(send, &answer, delivery) {
             t.mismatched.push(format!("{what} ({outcome}): {wrong}"));
@@ -505,7 +518,10 @@ async fn soak(plan: Plan) {
         store_errors,
         outages,
         lookups,
+        cuts,
     } = within(plan.limit, &what, run).await;
+    let unexplained = unexplained_lookups(&lookups, &cuts);
+    let lookups = lookups.len();
     let elapsed = started.elapsed();
 
     let mut latencies = tally.latencies.clone();
@@ -577,15 +593,18 @@ async fn soak(plan: Plan) {
         show(&tally.losses)
     );
     assert_eq!(tally.strays, 0, "seed {seed}: deliveries no bot sent");
+    // A short soak meets a resend with another token across a delivery in most runs,
+    // not all (it takes a bot to lose an answer LINE gave); tests/channels.rs provokes
+    // one on purpose. A long soak that never met one proves nothing of rotation.
     assert!(
-        tally.rotated.values().sum::<usize>() > 0,
+        plan.sends < 1000 || tally.rotated.values().sum::<usize>() > 0,
         "seed {seed}: no resend with another token was ever answered"
     );
     assert!(
-        tally
-            .rotated
-            .keys()
-            .all(|outcome| outcome == "conflict-resolved"),
+        tally.rotated.keys().all(|outcome| matches!(
+            outcome.as_str(),
+            "conflict-resolved" | "kept-for-a-token-line-answered"
+        )),
         "seed {seed}: another token's answer was given without asking LINE: {:?}",
         tally.rotated
     );
@@ -597,8 +616,10 @@ async fn soak(plan: Plan) {
     };
     let tokens = CHANNELS * TOKEN_KINDS.len();
     assert!(
-        lookups <= tokens * lifetimes,
-        "seed {seed}: {lookups} lookups for {tokens} tokens over {lifetimes} proxy lifetimes"
+        unexplained.len() <= tokens && unexplained.values().all(|&n| n <= lifetimes),
+        "seed {seed}: lookups no cut connection explains, by token, for {tokens} tokens \
+         over {lifetimes} proxy lifetimes: {:?}",
+        unexplained.values().collect::<Vec<_>>()
     );
     assert_eq!(
         tally.deliveries, plan.sends,
@@ -634,6 +655,17 @@ async fn soak(plan: Plan) {
     }
 }
 
+/// Each (authorization, retry key) the mock was sent.
+fn asked(mock: &MockLine) -> HashSet<(String, String)> {
+    mock.requests()
+        .into_iter()
+        .filter_map(|r| {
+            let auth = r.headers.get("authorization")?.to_str().ok()?.to_owned();
+            Some((auth, r.retry_key?))
+        })
+        .collect()
+}
+
 /// What a run leaves to judge.
 struct Ran {
     tally: Tally,
@@ -645,7 +677,44 @@ struct Ran {
     store_errors: f64,
     outages: Vec<Outage>,
     /// Channel lookups LINE was asked for.
-    lookups: usize,
+    lookups: Vec<Lookup>,
+    /// The connections the mock cut, and when.
+    cuts: Vec<(usize, Instant)>,
+}
+
+/// Per token, the lookups LINE was asked for that no cut connection explains. A
+/// lookup in flight on a connection the mock cut (over HTTP/2 a reset fault takes every
+/// stream of its connection with it) never got its answer, and the proxy rightly asks
+/// again: each such cut explains one later lookup of the same token.
+fn unexplained_lookups(lookups: &[Lookup], cuts: &[(usize, Instant)]) -> BTreeMap<String, usize> {
+    let mut by_token: BTreeMap<String, Vec<&Lookup>> = BTreeMap::new();
+    for lookup in lookups {
+        let token = lookup.token.clone().unwrap_or_default();
+        by_token.entry(token).or_default().push(lookup);
+    }
+    let mut unexplained = BTreeMap::new();
+    for (token, mut asked) in by_token {
+        asked.sort_by_key(|l| l.at);
+        // When each earlier lookup was cut, if it was; a cut explains one lookup.
+        let mut lost: Vec<Instant> = Vec::new();
+        let mut count = 0;
+        for lookup in &asked {
+            match lost.iter().position(|&cut| cut <= lookup.at) {
+                Some(i) => {
+                    lost.swap_remove(i);
+                }
+                None => count += 1,
+            }
+            let cut = cuts
+                .iter()
+                .filter(|&&(conn, at)| conn == lookup.conn && at >= lookup.at)
+                .map(|&(_, at)| at)
+                .min();
+            lost.extend(cut);
+        }
+        unexplained.insert(token, count);
+    }
+    unexplained
 }
 
 /// One Redis restart, as the run saw it.
@@ -843,8 +912,15 @@ async fn run(plan: &Plan, seed: u64) -> Ran {
 
     let told = std::mem::take(&mut *shared.told.lock().unwrap());
     Ran {
-        tally: tally(&shared.sends, &channel_ids, told, mock.deliveries()),
-        lookups: mock.lookup_count(),
+        tally: tally(
+            &shared.sends,
+            &channel_ids,
+            told,
+            mock.deliveries(),
+            &asked(&mock),
+        ),
+        lookups: mock.lookups(),
+        cuts: mock.cuts(),
         faults: mock.faults_applied(),
         refused,
         store_errors,
@@ -915,7 +991,7 @@ fn the_tally_sees_each_kind_of_failure() {
         told(None),
         ok(5, "f"),
     ];
-    let t = tally(&sends, &channel_ids, told, deliveries);
+    let t = tally(&sends, &channel_ids, told, deliveries, &HashSet::new());
     assert_eq!(t.deliveries, 6);
     assert_eq!(t.duplicates.len(), 1, "{:?}", t.duplicates);
     assert!(t.duplicates[0].starts_with("send 1 "));

@@ -91,6 +91,15 @@ impl moka::Expiry<TokenTag, Entry> for PerEntryTtl {
 
 type Pending = watch::Receiver<Option<Result<Vouched, LookupFailed>>>;
 
+/// What [`Pipeline::lookup`] found.
+enum Looked {
+    /// The token became known between the caller's cache miss and its lookup: a
+    /// lookup that just ended remembered it.
+    Known(ChannelId),
+    /// What LINE said, or why it could not be asked.
+    Answered(Result<Vouched, LookupFailed>),
+}
+
 /// The proxy's directory of channels: what it has learned, and the lookups under way.
 pub struct Channels {
     /// Token tag → channel. Never the token.
@@ -168,7 +177,13 @@ impl Pipeline {
             Err(_) => self.metrics.store_error(),
         }
         let looked = tokio::time::timeout_at(deadline, self.lookup(token, tag, deadline)).await;
-        let result = looked.unwrap_or(Err(NO_ANSWER));
+        let result = match looked.unwrap_or(Looked::Answered(Err(NO_ANSWER))) {
+            Looked::Known(channel) => {
+                self.metrics.channel(ChannelSource::Cache);
+                return Ok(Vouched::Channel(channel));
+            }
+            Looked::Answered(result) => result,
+        };
         match &result {
             Ok(Vouched::Channel(_)) => self.metrics.channel(ChannelSource::BotInfo),
             Ok(Vouched::Rejected) => self.metrics.channel(ChannelSource::Rejected),
@@ -180,17 +195,18 @@ impl Pipeline {
     /// One lookup per token at a time, in a task of its own: the requests that need it
     /// wait for its answer, and a request that goes away (a bot's timeout) leaves it
     /// running for the next one instead of making that one ask LINE again.
-    async fn lookup(
-        self: &Arc<Self>,
-        token: &str,
-        tag: TokenTag,
-        deadline: Instant,
-    ) -> Result<Vouched, LookupFailed> {
+    async fn lookup(self: &Arc<Self>, token: &str, tag: TokenTag, deadline: Instant) -> Looked {
         let mut answer = {
             let mut pending = self.channels.pending();
             match pending.get(&tag) {
                 Some(waiting) => waiting.clone(),
                 None => {
+                    // A lookup remembers its answer before it leaves the map, so one
+                    // that ended since the caller's cache miss is seen here, under the
+                    // lock, instead of being asked for a second time.
+                    if let Some(entry) = self.channels.tokens.get(&tag) {
+                        return Looked::Known(entry.channel);
+                    }
                     let (tx, rx) = watch::channel(None);
                     pending.insert(tag, rx.clone());
                     let pipeline = self.clone();
@@ -223,7 +239,7 @@ impl Pipeline {
             // The lookup's task ended without an answer: only a panic does that.
             Err(_) => Err(NO_ANSWER),
         };
-        result
+        Looked::Answered(result)
     }
 
     /// `GET /v2/bot/info` under the token, retried as a send is (it is idempotent):
@@ -318,7 +334,7 @@ impl Pipeline {
             let (channel, source) = match known {
                 Some(channel) => (channel, ChannelSource::Issued),
                 None => match pipeline.lookup(&token, tag, deadline).await {
-                    Ok(Vouched::Channel(channel)) => {
+                    Looked::Known(channel) | Looked::Answered(Ok(Vouched::Channel(channel))) => {
                         let _ = pipeline
                             .store
                             .record_channel(&name, &channel, CHANNEL_TTL)

@@ -102,6 +102,8 @@ pub struct Lookup {
     /// field for the verify endpoints.
     pub token: Option<String>,
     pub at: Instant,
+    /// The connection it came on, numbered from 1 in the order they were accepted.
+    pub conn: usize,
 }
 
 struct Accepted {
@@ -119,6 +121,9 @@ struct Log {
     registry: Registry,
     lookup_faults: VecDeque<Fault>,
     lookups: Vec<Lookup>,
+    /// Connections the mock cut (a reset fault), and when: what was in flight on one,
+    /// a lookup included, never got its answer.
+    cuts: Vec<(usize, Instant)>,
     chaos: Option<(Chaos, fastrand::Rng)>,
     /// How often each fault was applied, scripted or drawn.
     applied: BTreeMap<&'static str, usize>,
@@ -374,6 +379,11 @@ impl MockLine {
         self.state.log().lookups.clone()
     }
 
+    /// The connections a reset fault cut, with when.
+    pub fn cuts(&self) -> Vec<(usize, Instant)> {
+        self.state.log().cuts.clone()
+    }
+
     pub fn lookup_count(&self) -> usize {
         self.state.log().lookups.len()
     }
@@ -479,7 +489,7 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
                 Err(_) => continue,
             },
         };
-        state.connections.fetch_add(1, Ordering::Relaxed);
+        let id = state.connections.fetch_add(1, Ordering::Relaxed) + 1;
         // Linger 0 turns every close we do not finish politely into a RST, which is what
         // the Reset fault needs and what a crashed front end looks like.
         let _ = stream.set_zero_linger();
@@ -487,9 +497,12 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
         // delayed ACK adds ~40 ms to some exchanges.
         let _ = stream.set_nodelay(true);
         let conn = state.stop.child_token();
-        state
-            .tasks
-            .spawn(serve(stream, acceptor.clone(), state.clone(), conn));
+        state.tasks.spawn(serve(
+            stream,
+            acceptor.clone(),
+            state.clone(),
+            Conn { id, conn },
+        ));
     }
 }
 
@@ -497,11 +510,17 @@ async fn serve(
     stream: TcpStream,
     acceptor: Option<TlsAcceptor>,
     state: Arc<State>,
-    conn: CancellationToken,
+    Conn { id, conn }: Conn,
 ) {
     let service = {
         let conn = conn.clone();
-        service_fn(move |req| handle(state.clone(), conn.clone(), req))
+        service_fn(move |req| {
+            let conn = Conn {
+                id,
+                conn: conn.clone(),
+            };
+            handle(state.clone(), conn, req)
+        })
     };
     let served = async move {
         let builder = auto::Builder::new(TokioExecutor::new());
@@ -597,7 +616,17 @@ impl Arrived {
     }
 }
 
-async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incoming>) -> Answer {
+/// One accepted connection: its number, and what cuts it.
+struct Conn {
+    id: usize,
+    conn: CancellationToken,
+}
+
+async fn handle(
+    state: Arc<State>,
+    Conn { id: conn_id, conn }: Conn,
+    req: Request<Incoming>,
+) -> Answer {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -631,6 +660,7 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
                 path: req.path.clone(),
                 token: req.looked_up_token(),
                 at: Instant::now(),
+                conn: conn_id,
             });
             log.lookups.len()
         };
@@ -688,7 +718,7 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
             ))
         }
         Some(Fault::Hang) => return hang(&conn).await,
-        Some(Fault::Reset) => return reset(&state, &conn).await,
+        Some(Fault::Reset) => return reset(&state, conn_id, &conn).await,
         Some(Fault::Delay(pause)) => tokio::time::sleep(*pause).await,
         Some(Fault::HoldUntil(n)) => {
             let counted = if lookup {
@@ -711,7 +741,7 @@ async fn handle(state: Arc<State>, conn: CancellationToken, req: Request<Incomin
     match fault {
         Some(Fault::AcceptThenStatus(code)) if accepted => Ok(scripted_status(code, &id)),
         Some(Fault::AcceptThenHang) if accepted => hang(&conn).await,
-        Some(Fault::AcceptThenReset) if accepted => reset(&state, &conn).await,
+        Some(Fault::AcceptThenReset) if accepted => reset(&state, conn_id, &conn).await,
         _ => Ok(answer),
     }
 }
@@ -754,7 +784,8 @@ async fn hang(conn: &CancellationToken) -> Answer {
 
 /// Kills the whole connection rather than returning `Err`: over HTTP/2 hyper would turn
 /// an `Err` into a polite RST_STREAM on a connection that stays up, which is not a reset.
-async fn reset(state: &State, conn: &CancellationToken) -> Answer {
+async fn reset(state: &State, id: usize, conn: &CancellationToken) -> Answer {
+    state.log().cuts.push((id, Instant::now()));
     conn.cancel();
     // Over HTTP/2 this future runs in its own task and outlives the connection, so it
     // must not return an error hyper might still try to send.
