@@ -496,31 +496,20 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
         // Small answers go out at once, as LINE's front ends send them: without this a
         // delayed ACK adds ~40 ms to some exchanges.
         let _ = stream.set_nodelay(true);
-        let conn = state.stop.child_token();
-        state.tasks.spawn(serve(
-            stream,
-            acceptor.clone(),
-            state.clone(),
-            Conn { id, conn },
-        ));
+        let conn = Conn {
+            id,
+            token: state.stop.child_token(),
+        };
+        state
+            .tasks
+            .spawn(serve(stream, acceptor.clone(), state.clone(), conn));
     }
 }
 
-async fn serve(
-    stream: TcpStream,
-    acceptor: Option<TlsAcceptor>,
-    state: Arc<State>,
-    Conn { id, conn }: Conn,
-) {
+async fn serve(stream: TcpStream, acceptor: Option<TlsAcceptor>, state: Arc<State>, conn: Conn) {
     let service = {
         let conn = conn.clone();
-        service_fn(move |req| {
-            let conn = Conn {
-                id,
-                conn: conn.clone(),
-            };
-            handle(state.clone(), conn, req)
-        })
+        service_fn(move |req| handle(state.clone(), conn.clone(), req))
     };
     let served = async move {
         let builder = auto::Builder::new(TokioExecutor::new());
@@ -540,7 +529,7 @@ async fn serve(
     // Dropping the connection future drops the socket: no goodbye, no close_notify,
     // no GOAWAY, just the RST that linger 0 makes of it.
     tokio::select! {
-        _ = conn.cancelled() => {}
+        _ = conn.token.cancelled() => {}
         _ = served => {}
     }
 }
@@ -617,16 +606,13 @@ impl Arrived {
 }
 
 /// One accepted connection: its number, and what cuts it.
+#[derive(Clone)]
 struct Conn {
     id: usize,
-    conn: CancellationToken,
+    token: CancellationToken,
 }
 
-async fn handle(
-    state: Arc<State>,
-    Conn { id: conn_id, conn }: Conn,
-    req: Request<Incoming>,
-) -> Answer {
+async fn handle(state: Arc<State>, conn: Conn, req: Request<Incoming>) -> Answer {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -660,7 +646,7 @@ async fn handle(
                 path: req.path.clone(),
                 token: req.looked_up_token(),
                 at: Instant::now(),
-                conn: conn_id,
+                conn: conn.id,
             });
             log.lookups.len()
         };
@@ -692,9 +678,9 @@ async fn handle(
         None
     };
     if keyed {
-        pass_gate(&state.keyed_gate, &conn).await?;
+        pass_gate(&state.keyed_gate, &conn.token).await?;
     } else if lookup {
-        pass_gate(&state.lookup_gate, &conn).await?;
+        pass_gate(&state.lookup_gate, &conn.token).await?;
     }
     match &fault {
         Some(Fault::Status(code)) => return Ok(scripted_status(*code, &id)),
@@ -717,8 +703,8 @@ async fn handle(
                 "You have reached your monthly limit.",
             ))
         }
-        Some(Fault::Hang) => return hang(&conn).await,
-        Some(Fault::Reset) => return reset(&state, conn_id, &conn).await,
+        Some(Fault::Hang) => return hang(&conn.token).await,
+        Some(Fault::Reset) => return reset(&state, &conn).await,
         Some(Fault::Delay(pause)) => tokio::time::sleep(*pause).await,
         Some(Fault::HoldUntil(n)) => {
             let counted = if lookup {
@@ -729,7 +715,7 @@ async fn handle(
             let mut arrived = counted.subscribe();
             tokio::select! {
                 _ = arrived.wait_for(|count| *count >= *n) => {}
-                _ = conn.cancelled() => return Err(std::io::Error::other("mock shut down")),
+                _ = conn.token.cancelled() => return Err(std::io::Error::other("mock shut down")),
             }
         }
         Some(Fault::AcceptThenStatus(_) | Fault::AcceptThenHang | Fault::AcceptThenReset)
@@ -740,8 +726,8 @@ async fn handle(
     let accepted = delivered || lookup;
     match fault {
         Some(Fault::AcceptThenStatus(code)) if accepted => Ok(scripted_status(code, &id)),
-        Some(Fault::AcceptThenHang) if accepted => hang(&conn).await,
-        Some(Fault::AcceptThenReset) if accepted => reset(&state, conn_id, &conn).await,
+        Some(Fault::AcceptThenHang) if accepted => hang(&conn.token).await,
+        Some(Fault::AcceptThenReset) if accepted => reset(&state, &conn).await,
         _ => Ok(answer),
     }
 }
@@ -784,9 +770,9 @@ async fn hang(conn: &CancellationToken) -> Answer {
 
 /// Kills the whole connection rather than returning `Err`: over HTTP/2 hyper would turn
 /// an `Err` into a polite RST_STREAM on a connection that stays up, which is not a reset.
-async fn reset(state: &State, id: usize, conn: &CancellationToken) -> Answer {
-    state.log().cuts.push((id, Instant::now()));
-    conn.cancel();
+async fn reset(state: &State, conn: &Conn) -> Answer {
+    state.log().cuts.push((conn.id, Instant::now()));
+    conn.token.cancel();
     // Over HTTP/2 this future runs in its own task and outlives the connection, so it
     // must not return an error hyper might still try to send.
     state.stop.cancelled().await;
