@@ -290,11 +290,9 @@ async fn bot(shared: Arc<Shared>, seed: u64) {
         let tokens = &shared.tokens[send.channel];
         let mut token = rng.usize(..tokens.len());
         while told.tries < BOT_TRIES {
-            // Three resends in four come with the channel's next token: a refresh, or
-            // another worker's; often enough that a long soak always meets a rotation
-            // across a delivery. The others keep theirs, so replays across replicas
-            // still happen.
-            if told.tries > 0 && rng.u8(..4) != 0 {
+            // Half the resends come with the channel's next token: a refresh, or another
+            // worker's. The others keep theirs, so replays across replicas still happen.
+            if told.tries > 0 && rng.bool() {
                 token = (token + 1) % tokens.len();
             }
             let token_text = &tokens[token];
