@@ -30,7 +30,10 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 4] = [
+    /// How many rows the endpoint table has: every per-endpoint table is this long.
+    pub const COUNT: usize = 4;
+
+    pub const ALL: [Endpoint; Endpoint::COUNT] = [
         Endpoint::Push,
         Endpoint::Multicast,
         Endpoint::Narrowcast,
@@ -72,6 +75,37 @@ impl Endpoint {
             Endpoint::Narrowcast => StatusCode::ACCEPTED,
             _ => StatusCode::OK,
         }
+    }
+}
+
+/// One value per [`Endpoint`], indexed by it: a table sized by the endpoint enum, so a
+/// new endpoint row cannot leave a table one short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PerEndpoint<T>([T; Endpoint::COUNT]);
+
+impl<T> PerEndpoint<T> {
+    /// The table whose row for each endpoint is `row(endpoint)`.
+    pub fn from_fn(mut row: impl FnMut(Endpoint) -> T) -> Self {
+        PerEndpoint(Endpoint::ALL.map(&mut row))
+    }
+
+    /// Every row, in [`Endpoint::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Endpoint, &T)> {
+        Endpoint::ALL.into_iter().zip(self.0.iter())
+    }
+}
+
+impl<T> std::ops::Index<Endpoint> for PerEndpoint<T> {
+    type Output = T;
+
+    fn index(&self, endpoint: Endpoint) -> &T {
+        &self.0[endpoint.index()]
+    }
+}
+
+impl<T> std::ops::IndexMut<Endpoint> for PerEndpoint<T> {
+    fn index_mut(&mut self, endpoint: Endpoint) -> &mut T {
+        &mut self.0[endpoint.index()]
     }
 }
 

@@ -17,8 +17,8 @@
 //!   │
 //!  config, metrics, retry, telemetry, error
 //!   │
-//!  domain, body ─── the vocabulary (Endpoint, Fingerprint, RetryKey, Outcome, Answer)
-//!                   and the body type
+//!  domain, body, sync ─ the vocabulary (Endpoint, Fingerprint, RetryKey, Outcome,
+//!                   Answer), the body type, locks that outlive a panic
 //! ```
 //! [`admin_client`] is the command line's side of the admin port (`healthcheck`, `stats`).
 //! [`demo`] is a second composition root beside `main`: the `demo` subcommand.
@@ -50,5 +50,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod retry;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod upstream;

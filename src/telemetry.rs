@@ -61,10 +61,7 @@ struct Pending {
 
 impl Sink {
     fn lock(&self) -> MutexGuard<'_, Pending> {
-        // Nothing panics while holding it; a poisoned buffer is still whole.
-        self.pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.pending)
     }
 
     fn push(&self, line: &[u8]) {
@@ -94,17 +91,10 @@ impl Sink {
             let mut pending = self.lock();
             while pending.buf.is_empty() && pending.dropped == 0 && !pending.closed {
                 pending.idle = true;
-                pending = self
-                    .wake
-                    .wait(pending)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                pending = crate::sync::wait(&self.wake, pending);
             }
             if !pending.closed && pending.buf.len() < FLUSH_AT {
-                pending = self
-                    .wake
-                    .wait_timeout(pending, FLUSH_EVERY)
-                    .map(|(guard, _)| guard)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                pending = crate::sync::wait_timeout(&self.wake, pending, FLUSH_EVERY);
             }
             std::mem::swap(&mut pending.buf, &mut out);
             let dropped = std::mem::take(&mut pending.dropped);

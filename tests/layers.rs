@@ -147,6 +147,11 @@ fn imports_point_down() {
         "domain imports nothing of the crate: {:?}",
         deps("domain")
     );
+    assert!(
+        deps("sync").is_empty(),
+        "sync imports nothing of the crate: {:?}",
+        deps("sync")
+    );
     for lower in ["store", "config", "metrics", "retry", "upstream", "error"] {
         for higher in ["pipeline", "edge", "app"] {
             assert!(
@@ -158,7 +163,9 @@ fn imports_point_down() {
     }
     let store: Vec<_> = deps("store").into_iter().collect();
     assert!(
-        store.iter().all(|d| d == "domain" || d == "body"),
+        store
+            .iter()
+            .all(|d| d == "domain" || d == "body" || d == "sync"),
         "the store knows the domain only: {store:?}"
     );
     for higher in ["edge", "app", "admin_client"] {

@@ -68,7 +68,7 @@ pub async fn run(base: &str, token: &str, bodies: Arc<Vec<String>>, how: Behavio
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i) else { return };
                 let told = send_one(&client, &url, &token, body, i, &how).await;
-                let mut report = report.lock().unwrap_or_else(|p| p.into_inner());
+                let mut report = crate::sync::lock(&report);
                 report.attempts += told.attempts;
                 report.errors_5xx += told.errors_5xx;
                 report.timeouts += told.timeouts;
@@ -82,7 +82,7 @@ pub async fn run(base: &str, token: &str, bodies: Arc<Vec<String>>, how: Behavio
         });
     }
     while workers.join_next().await.is_some() {}
-    let report = report.lock().unwrap_or_else(|p| p.into_inner());
+    let report = crate::sync::lock(&report);
     report.clone()
 }
 

@@ -140,7 +140,7 @@ impl Channels {
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<TokenTag, Pending>> {
         // A panic elsewhere while holding it leaves a map that is still whole.
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.pending)
     }
 }
 

@@ -134,19 +134,13 @@ impl Pipeline {
     /// The settings in force. A read lock held for one `Arc` clone: never contended
     /// except for the instant of a reload.
     pub fn settings(&self) -> Arc<Settings> {
-        match self.settings.read() {
-            Ok(settings) => settings.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        crate::sync::read(&self.settings).clone()
     }
 
     /// Swaps in a new policy; requests already running keep the one they started with.
     pub fn reload(&self, policy: Policy) {
         let next = Arc::new(Settings::new(policy));
-        match self.settings.write() {
-            Ok(mut settings) => *settings = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
+        *crate::sync::write(&self.settings) = next;
     }
 
     /// Handles one request bound for LINE, however it arrived.

@@ -101,10 +101,7 @@ impl Health {
     }
 
     fn outage(&self) -> std::sync::MutexGuard<'_, Option<(Instant, String)>> {
-        // Nothing panics while holding it; a poisoned value is still whole.
-        self.outage
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.outage)
     }
 }
 

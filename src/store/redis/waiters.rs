@@ -64,10 +64,7 @@ impl Waiters {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Fingerprint, (Slot, usize), BuildFingerprintHasher>> {
-        // Nothing panics while holding it; a poisoned map is still whole.
-        self.slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.slots)
     }
 }
 
