@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::domain::{Endpoint, Outcome};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminClientError {
     #[error("cannot reach the admin listener at {addr}: {source}")]
@@ -105,21 +107,15 @@ pub fn stats_table(metrics: &str) -> String {
     };
     let mut out = String::new();
 
-    let outcomes = [
-        "fresh",
-        "replayed",
-        "coalesced",
-        "conflict_resolved",
-        "passthrough",
-        "error",
-    ];
+    let outcomes = Outcome::ALL.map(Outcome::label);
     let _ = writeln!(
         out,
         "{:<11}{}",
         "endpoint",
         outcomes.map(|o| format!(" {o:>17}")).join("")
     );
-    for endpoint in ["push", "multicast", "narrowcast", "broadcast", "other"] {
+    let endpoints = Endpoint::ALL.map(Endpoint::name);
+    for endpoint in endpoints.into_iter().chain(["other"]) {
         let row: String = outcomes
             .iter()
             .map(|o| {

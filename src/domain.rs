@@ -93,6 +93,11 @@ impl<T> PerEndpoint<T> {
     pub fn iter(&self) -> impl Iterator<Item = (Endpoint, &T)> {
         Endpoint::ALL.into_iter().zip(self.0.iter())
     }
+
+    /// Every row, mutable, in [`Endpoint::ALL`] order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (Endpoint, &mut T)> {
+        Endpoint::ALL.into_iter().zip(self.0.iter_mut())
+    }
 }
 
 impl<T> std::ops::Index<Endpoint> for PerEndpoint<T> {

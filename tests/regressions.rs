@@ -226,7 +226,7 @@ async fn a_shortened_window_applies_to_answers_already_kept() {
     assert_eq!(push(&proxy, &body).await.outcome(), "replayed");
 
     let mut policy = proxy.app.config.policy.clone();
-    for endpoint in policy.endpoints.iter_mut() {
+    for (_, endpoint) in policy.endpoints.iter_mut() {
         endpoint.dedup_window = Duration::from_secs(1);
     }
     proxy.app.reload(policy);

@@ -26,7 +26,7 @@ use values::{
 };
 pub use values::{ConfigError, Secret, MASKED};
 
-use crate::domain::{Endpoint, LINE_KEY_LIFETIME};
+use crate::domain::{Endpoint, PerEndpoint, LINE_KEY_LIFETIME};
 use crate::retry::ExponentialBackoff;
 
 /// A longer dedup window would replay what LINE itself has forgotten.
@@ -150,14 +150,14 @@ pub struct EndpointPolicy {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub retry: RetryPolicy,
-    pub endpoints: [EndpointPolicy; 4],
+    pub endpoints: PerEndpoint<EndpointPolicy>,
     pub intercept_hosts: Vec<String>,
     pub tunnel_allow: Vec<String>,
 }
 
 impl Policy {
     pub fn endpoint(&self, endpoint: Endpoint) -> EndpointPolicy {
-        self.endpoints[endpoint.index()]
+        self.endpoints[endpoint]
     }
 
     pub fn intercepts(&self, host: &str) -> bool {
@@ -180,6 +180,16 @@ impl Policy {
                 _ => entry.trim_matches(['[', ']']).eq_ignore_ascii_case(host),
             }
         })
+    }
+}
+
+/// The keyed endpoints' names as an error lists them: `push, multicast, narrowcast or broadcast`.
+fn endpoint_names() -> String {
+    let names = Endpoint::ALL.map(Endpoint::name);
+    match names.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 
@@ -321,17 +331,18 @@ impl Config {
             )?,
         };
 
-        let mut endpoints = [EndpointPolicy {
+        let mut endpoints = PerEndpoint::from_fn(|_| EndpointPolicy {
             dedup_window,
             retry: true,
-        }; 4];
+        });
         for (name, table) in file.endpoints {
             let endpoint = Endpoint::from_name(&name).ok_or_else(|| {
                 ConfigError::new(format!(
-                    "unknown endpoint `{name}` in [endpoints]: expected push, multicast, narrowcast or broadcast"
+                    "unknown endpoint `{name}` in [endpoints]: expected {}",
+                    endpoint_names()
                 ))
             })?;
-            let slot = &mut endpoints[endpoint.index()];
+            let slot = &mut endpoints[endpoint];
             if let Some(w) = table.dedup_window {
                 slot.dedup_window = window(
                     &format!("endpoints.{name}.dedup-window"),
