@@ -1,4 +1,5 @@
-//! The request path's one error type, and the one place it becomes an HTTP answer.
+//! The request path's one error type: its side, status and reason. It becomes an HTTP
+//! answer in one place, [`crate::pipeline::respond::error_response`].
 //!
 //! Every error knows its *side* (who is at fault: the bot, the upstream, or the proxy
 //! itself) and whether a retry *by the bot* may help. The JSON body names a stable

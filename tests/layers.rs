@@ -184,3 +184,110 @@ fn imports_point_down() {
         assert!(!deps.contains("demo"), "{module} imports the demo");
     }
 }
+
+/// The sibling files a file names, by `super::x` or by its full path
+/// `crate::<module path>::x`: `src/edge/connect.rs` naming `super::serve` → `serve`.
+/// A module's `mod.rs` is the parent its files build on, not a sibling.
+fn named_siblings(code: &str, module_path: &str, siblings: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let full = format!("crate::{module_path}::");
+    for prefix in ["super::", full.as_str()] {
+        let mut rest = code;
+        while let Some(at) = rest.find(prefix) {
+            // `super::super::x` names the grandparent's files, not a sibling.
+            let before = &rest[..at];
+            rest = &rest[at + prefix.len()..];
+            if prefix == "super::" && before.ends_with("super::") {
+                continue;
+            }
+            let names: Vec<&str> = match rest.strip_prefix('{') {
+                Some(group) => group[..group.find('}').unwrap_or(group.len())]
+                    .split(',')
+                    .collect(),
+                None => vec![rest],
+            };
+            for name in names {
+                let name: String = name
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if siblings.contains(&name) {
+                    found.insert(name);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Per directory of src/ (a module with files of its own), the graph of its files.
+fn file_graphs() -> BTreeMap<PathBuf, Graph> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut dirs: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
+    for file in files {
+        let dir = file.parent().expect("a file has a folder").to_path_buf();
+        if dir != src {
+            dirs.entry(dir).or_default().push(file);
+        }
+    }
+    let mut graphs = BTreeMap::new();
+    for (dir, files) in dirs {
+        let stem = |f: &Path| f.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
+        let siblings: BTreeSet<String> = files
+            .iter()
+            .filter_map(|f| stem(f))
+            .filter(|s| s != "mod")
+            .collect();
+        let module_path = dir
+            .strip_prefix(&src)
+            .expect("under src/")
+            .components()
+            .filter_map(|c| c.as_os_str().to_str())
+            .collect::<Vec<_>>()
+            .join("::");
+        let mut graph = Graph::new();
+        for file in &files {
+            let Some(name) = stem(file).filter(|s| s != "mod") else {
+                continue;
+            };
+            let text = std::fs::read_to_string(file).expect("source is UTF-8");
+            let mut deps = named_siblings(&production_code(&text), &module_path, &siblings);
+            deps.remove(&name);
+            graph.insert(name, deps);
+        }
+        graphs.insert(dir, graph);
+    }
+    graphs
+}
+
+#[test]
+fn the_parser_sees_sibling_files() {
+    let siblings: BTreeSet<String> = ["connect", "serve", "slot"].map(String::from).into();
+    let code = "use super::serve::{serve_connection, Front};\nuse super::{slot::ConnectionSlot, Edge};\nuse crate::edge::connect;\nuse super::super::serve::X;";
+    let found: Vec<_> = named_siblings(code, "edge", &siblings)
+        .into_iter()
+        .collect();
+    assert_eq!(found, ["connect", "serve", "slot"]);
+    assert!(named_siblings("use super::Edge;", "edge", &siblings).is_empty());
+}
+
+#[test]
+fn no_cycle_among_the_files_of_a_module() {
+    let graphs = file_graphs();
+    assert!(
+        graphs.keys().any(|d| d.ends_with("edge")),
+        "the edge's files are among those checked"
+    );
+    for (dir, graph) in graphs {
+        for file in graph.keys() {
+            assert!(
+                !reaches(&graph, file, file),
+                "{}/{file}.rs imports itself through a cycle of its module's files: {graph:#?}",
+                dir.display()
+            );
+        }
+    }
+}

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use line_retry_proxy::config::Config;
 use line_retry_proxy::edge::connect::connect_target;
-use line_retry_proxy::edge::listener::absolute_target;
+use line_retry_proxy::edge::serve::absolute_target;
 use line_retry_proxy::pipeline::classify;
 
 fuzz_target!(|data: &[u8]| {

@@ -155,7 +155,29 @@ pub struct Policy {
     pub tunnel_allow: Vec<String>,
 }
 
+/// Where a host a client names (CONNECT, or an absolute-form target) goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// One of LINE's hosts: its requests go through the request path.
+    Intercept,
+    /// Allowlisted: bytes (or requests) go through untouched.
+    Tunnel,
+    /// Anything else: 403, the proxy is not an open relay.
+    Refuse,
+}
+
 impl Policy {
+    /// The one routing decision for a named host, for CONNECT and absolute-form alike.
+    pub fn destination(&self, host: &str, port: u16) -> Destination {
+        if self.intercepts(host) {
+            Destination::Intercept
+        } else if self.tunnel_allowed(host, port) {
+            Destination::Tunnel
+        } else {
+            Destination::Refuse
+        }
+    }
+
     pub fn endpoint(&self, endpoint: Endpoint) -> EndpointPolicy {
         self.endpoints[endpoint]
     }
@@ -693,6 +715,23 @@ mod tests {
         assert_eq!(
             Config::from_toml(&token.describe()).unwrap().key_scope,
             KeyScope::Token
+        );
+    }
+
+    #[test]
+    fn a_named_host_is_intercepted_tunnelled_or_refused() {
+        let c = file("intercept-hosts = [\"api.line.me\"]\ntunnel-allow = [\"api-data.line.me\", \"api.line.me\"]").unwrap();
+        assert_eq!(
+            c.policy.destination("API.line.me", 443),
+            Destination::Intercept
+        );
+        assert_eq!(
+            c.policy.destination("api-data.line.me", 8443),
+            Destination::Tunnel
+        );
+        assert_eq!(
+            c.policy.destination("example.com", 443),
+            Destination::Refuse
         );
     }
 

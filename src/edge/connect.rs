@@ -24,19 +24,28 @@ use tokio::time::timeout;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::auth::authorized;
-use super::listener::{serve_connection, ConnectionSlot, Front};
+use super::slot::ConnectionSlot;
 use super::Edge;
-use crate::body::{full, ProxyBody};
+use crate::body::{full, BoxFuture, ProxyBody};
+use crate::config::Destination;
 use crate::error::ProxyError;
 use crate::pipeline::respond;
+
+/// The bot's side of an intercepted tunnel, decrypted.
+pub type Decrypted = tokio_rustls::server::TlsStream<TokioIo<Upgraded>>;
+
+/// Serves the requests of an intercepted tunnel: the caller's connection serving, passed
+/// in so that this file does not import the one that imports it.
+pub type ServeIntercepted = fn(Arc<Edge>, Decrypted, SocketAddr) -> BoxFuture<'static, ()>;
 
 pub async fn handle(
     edge: Arc<Edge>,
     req: Request<Incoming>,
     peer: SocketAddr,
     slot: ConnectionSlot,
+    serve: ServeIntercepted,
 ) -> Response<ProxyBody> {
-    match open(&edge, req, peer, slot).await {
+    match open(&edge, req, peer, slot, serve).await {
         Ok(res) => res,
         Err(err) => {
             edge.metrics.connect_refused();
@@ -51,6 +60,7 @@ async fn open(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     slot: ConnectionSlot,
+    serve: ServeIntercepted,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if !authorized(edge.proxy_auth.as_ref(), req.headers()) {
         return Err(ProxyError::ProxyAuthRequired);
@@ -58,16 +68,16 @@ async fn open(
     let (host, port) = connect_target(req.uri())?;
     let settings = edge.pipeline.settings();
 
-    if settings.policy.intercepts(&host) {
-        let task_edge = edge.clone();
-        after_upgrade(edge, &mut req, &slot, move |upgraded| {
-            intercept(task_edge, upgraded, host, peer)
-        });
-        return Ok(established());
-    }
-
-    if !settings.policy.tunnel_allowed(&host, port) {
-        return Err(ProxyError::HostNotAllowed { host });
+    match settings.policy.destination(&host, port) {
+        Destination::Intercept => {
+            let task_edge = edge.clone();
+            after_upgrade(edge, &mut req, &slot, move |upgraded| {
+                intercept(task_edge, upgraded, host, peer, serve)
+            });
+            return Ok(established());
+        }
+        Destination::Tunnel => {}
+        Destination::Refuse => return Err(ProxyError::HostNotAllowed { host }),
     }
     let connect_timeout = settings.policy.retry.attempt_timeout;
     let target = edge
@@ -125,7 +135,13 @@ fn established() -> Response<ProxyBody> {
 }
 
 /// TLS with the bot, as `host` (or the SNI name, when that is intercepted too).
-async fn intercept(edge: Arc<Edge>, upgraded: Upgraded, host: String, peer: SocketAddr) {
+async fn intercept(
+    edge: Arc<Edge>,
+    upgraded: Upgraded,
+    host: String,
+    peer: SocketAddr,
+    serve: ServeIntercepted,
+) {
     let counted = edge.clone();
     let _open = counted.metrics.tunnel();
     let acceptor =
@@ -160,7 +176,7 @@ async fn intercept(edge: Arc<Edge>, upgraded: Upgraded, host: String, peer: Sock
         }
     };
     edge.metrics.tls_handshake(true);
-    serve_connection(edge, tls, Front::Intercepted { peer }).await;
+    serve(edge, tls, peer).await;
 }
 
 /// Bytes both ways until either side closes, or shutdown.

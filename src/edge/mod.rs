@@ -9,6 +9,8 @@ pub mod connect;
 pub mod idle;
 pub mod intercept;
 pub mod listener;
+pub mod serve;
+pub mod slot;
 
 use std::sync::Arc;
 use std::time::Duration;
