@@ -302,18 +302,7 @@ async fn reload_on_sighup(app: Arc<App>) {
     while hup.recv().await.is_some() {
         match Config::load(&app.config.args) {
             Ok(next) => {
-                let restart_needed = next.listen != app.config.listen
-                    || next.admin_listen != app.config.admin_listen
-                    || next.upstream.to_string() != app.config.upstream.to_string()
-                    || next.ca_dir != app.config.ca_dir
-                    || next.store != app.config.store
-                    || next.store_timeout != app.config.store_timeout
-                    || next.store_ca != app.config.store_ca
-                    || next.canonical_json != app.config.canonical_json
-                    || next.key_scope != app.config.key_scope
-                    || next.body_limit != app.config.body_limit
-                    || next.proxy_auth != app.config.proxy_auth
-                    || next.upstream_proxy != app.config.upstream_proxy;
+                let restart_needed = app.config.changed_until_restart(&next);
                 if let Some(host) = next
                     .policy
                     .intercept_hosts
@@ -324,8 +313,8 @@ async fn reload_on_sighup(app: Arc<App>) {
                 }
                 app.reload(next.policy);
                 tracing::info!("configuration reloaded: retry policy, windows and host lists");
-                if restart_needed {
-                    tracing::warn!("some changed settings (listeners, upstream, upstream-proxy, store, CA, body limit, auth, canonical-json, key-scope) take effect only after a restart");
+                if !restart_needed.is_empty() {
+                    tracing::warn!("not applied until restart: {}", restart_needed.join(", "));
                 }
             }
             Err(err) => tracing::error!("reload failed, keeping the current settings: {err}"),

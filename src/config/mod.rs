@@ -273,6 +273,56 @@ impl Config {
         Config::merge(&ServeArgs::default(), sources::parse_file(text, "<text>")?)
     }
 
+    /// The keys of the startup-only settings that differ in `next`: a reload swaps in
+    /// only [`Policy`], so each of these waits for a restart and is named as such.
+    pub fn changed_until_restart(&self, next: &Config) -> Vec<&'static str> {
+        [
+            (
+                "upstream",
+                self.upstream.to_string() != next.upstream.to_string(),
+            ),
+            ("listen", self.listen != next.listen),
+            ("admin-listen", self.admin_listen != next.admin_listen),
+            ("upstream-ca", self.upstream_ca != next.upstream_ca),
+            ("upstream-proxy", self.upstream_proxy != next.upstream_proxy),
+            ("ca-dir", self.ca_dir != next.ca_dir),
+            ("store", self.store != next.store),
+            ("store-timeout", self.store_timeout != next.store_timeout),
+            ("store-ca", self.store_ca != next.store_ca),
+            ("log-format", self.log_format != next.log_format),
+            ("body-limit", self.body_limit != next.body_limit),
+            (
+                "store-max-bytes",
+                self.store_max_bytes != next.store_max_bytes,
+            ),
+            ("canonical-json", self.canonical_json != next.canonical_json),
+            ("key-scope", self.key_scope != next.key_scope),
+            ("proxy-auth", self.proxy_auth != next.proxy_auth),
+            (
+                "max-connections",
+                self.max_connections != next.max_connections,
+            ),
+            ("header-timeout", self.header_timeout != next.header_timeout),
+            ("idle-timeout", self.idle_timeout != next.idle_timeout),
+            ("body-timeout", self.body_timeout != next.body_timeout),
+            ("buffer-limit", self.buffer_limit != next.buffer_limit),
+            (
+                "admin-max-connections",
+                self.admin_max_connections != next.admin_max_connections,
+            ),
+            (
+                "handshake-timeout",
+                self.handshake_timeout != next.handshake_timeout,
+            ),
+            ("shutdown-grace", self.shutdown_grace != next.shutdown_grace),
+            ("leaf-lifetime", self.leaf_lifetime != next.leaf_lifetime),
+            ("ca-lifetime", self.ca_lifetime != next.ca_lifetime),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+
     fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
         let listen = addr("listen", pick(&args.listen, file.listen), "127.0.0.1:8080")?;
         let admin_listen = addr(
