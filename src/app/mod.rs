@@ -1,6 +1,7 @@
 //! The composition root: builds the request path's context ([`Pipeline`]) and the
 //! edge's ([`Edge`]) from a validated [`Config`], binds, runs, and drains. Imported
-//! by nothing in the crate; `main` and the tests start the proxy through it.
+//! by nothing in the crate; `main` and the tests start the proxy through it. The
+//! layers it composes are drawn in docs/design.md ("Layers").
 
 use std::future::Future;
 use std::sync::Arc;

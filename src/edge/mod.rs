@@ -1,7 +1,14 @@
 //! The way in: the proxy port (base-URL, absolute-form and CONNECT traffic), the
 //! interception of CONNECT tunnels to LINE (the proxy's CA and its per-host leaves),
 //! and the admin port. The edge hands every request bound for LINE to the
-//! [`Pipeline`]; it never looks inside one.
+//! [`Pipeline`]; it never looks inside one. The ways in, and how each is routed, are in
+//! docs/design.md ("Ways in").
+//!
+//! Files: `listener` accepts; `serve` serves one connection (the listener's, or the
+//! decrypted side of an intercepted tunnel) and routes its requests; `connect` opens
+//! CONNECT tunnels; `slot` is a connection's place under `max-connections`; `idle`
+//! bounds idle and slow connections; `auth` checks Proxy-Authorization; `admin` serves
+//! the admin port; `intercept` holds the CA and its leaves.
 
 pub mod admin;
 pub mod auth;

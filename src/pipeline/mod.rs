@@ -10,6 +10,7 @@
 //!                                                                         respond ◄───┘
 //! ```
 //! Phase 5 (claim) lives in [`crate::store`]; the others are the modules below.
+//! docs/design.md tells each phase's rules and why; docs/channels.md the channel phase.
 //!
 //! The request path has its own narrow context, [`Pipeline`]: the store, the way out to
 //! LINE, the live settings, the metrics and the task tracker. It knows nothing of how
