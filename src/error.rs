@@ -62,9 +62,6 @@ pub enum ProxyError {
     #[error("a token request body over {limit} bytes")]
     TokenRequestTooLarge { limit: usize },
 
-    #[error("the proxy is shutting down")]
-    ShuttingDown,
-
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -84,7 +81,7 @@ impl ProxyError {
             | ProxyError::ChannelUnknown { .. }
             | ProxyError::TunnelTarget { .. }
             | ProxyError::Forward(_) => Side::Upstream,
-            ProxyError::ShuttingDown | ProxyError::Overloaded | ProxyError::Internal(_) => {
+            ProxyError::Overloaded | ProxyError::Internal(_) => {
                 Side::Internal
             }
         }
@@ -115,7 +112,7 @@ impl ProxyError {
                 }
             }
             ProxyError::TunnelTarget { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::ShuttingDown | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,7 +137,6 @@ impl ProxyError {
             ProxyError::Forward(_) => "upstream_forward_failed",
             ProxyError::ChannelUnknown { .. } => "channel_unknown",
             ProxyError::TokenRequestTooLarge { .. } => "token_request_too_large",
-            ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Internal(_) => "internal",
         }
     }

@@ -275,10 +275,6 @@ impl Metrics {
         GaugeGuard(gauge)
     }
 
-    pub fn in_flight(&self) -> GaugeGuard<'_> {
-        self.gauge(&self.in_flight)
-    }
-
     pub fn connection(&self) -> GaugeGuard<'_> {
         self.connections_total.fetch_add(1, Relaxed);
         self.gauge(&self.connections_open)
@@ -547,13 +543,13 @@ mod tests {
 
     #[test]
     fn renders_counters_and_cumulative_buckets() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
         m.request(Some(Endpoint::Push), Outcome::Replayed);
         m.attempt(Some(Endpoint::Push), Duration::from_millis(30));
         m.attempt(Some(Endpoint::Push), Duration::from_millis(3));
         m.retry(AttemptFailure::Timeout);
         {
-            let _g = m.in_flight();
+            let _g = m.in_flight_shared();
             assert_eq!(m.in_flight_now(), 1);
         }
         let text = m.render(

@@ -55,11 +55,6 @@ impl Fault {
             Fault::AcceptThenTimeout => "accepted then no answer",
         }
     }
-
-    /// Whether the message was delivered although the client hears of a failure.
-    pub fn delivers(self) -> bool {
-        matches!(self, Fault::AcceptThenReset | Fault::AcceptThenTimeout)
-    }
 }
 
 /// The chance of each fault per request; the rest are answered normally.
