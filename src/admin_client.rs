@@ -27,7 +27,7 @@ pub enum AdminClientError {
 }
 
 /// A listener bound to all interfaces is reached through loopback.
-pub fn reachable(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => {
             SocketAddr::from(([127, 0, 0, 1], a.port()))

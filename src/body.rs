@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request or response body: buffered (`full`) or streamed through (`boxed`).
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -22,7 +22,7 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 }
 
 /// Any other body, streamed as it comes.
-pub fn boxed<B>(body: B) -> ProxyBody
+pub(crate) fn boxed<B>(body: B) -> ProxyBody
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,

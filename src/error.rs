@@ -13,7 +13,7 @@ use crate::domain::AttemptFailure;
 
 /// Who caused a failure: decides the status class and the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Client,
     Upstream,
     Internal,
@@ -67,7 +67,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn side(&self) -> Side {
+    pub(crate) fn side(&self) -> Side {
         match self {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
@@ -81,19 +81,17 @@ impl ProxyError {
             | ProxyError::ChannelUnknown { .. }
             | ProxyError::TunnelTarget { .. }
             | ProxyError::Forward(_) => Side::Upstream,
-            ProxyError::Overloaded | ProxyError::Internal(_) => {
-                Side::Internal
-            }
+            ProxyError::Overloaded | ProxyError::Internal(_) => Side::Internal,
         }
     }
 
     /// Whether the bot may succeed by sending the same request again. Upstream
     /// failures qualify: a resend carries the same derived key, so it cannot duplicate.
-    pub fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         matches!(self.side(), Side::Upstream | Side::Internal)
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } | ProxyError::TokenRequestTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -118,7 +116,7 @@ impl ProxyError {
     }
 
     /// A stable token for programs and for the `x-line-retry-proxy-error` header.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequest(_) => "bad_request",
@@ -142,7 +140,7 @@ impl ProxyError {
     }
 
     /// The JSON body of the answer: LINE's own `message` field, plus our `reason`.
-    pub fn json_body(&self) -> Bytes {
+    pub(crate) fn json_body(&self) -> Bytes {
         let body = serde_json::json!({
             "message": format!("line-retry-proxy: {self}"),
             "reason": self.reason(),
@@ -153,14 +151,14 @@ impl ProxyError {
 
     /// Whether the connection must close after this answer: the request's body was cut
     /// off or left unread, so what follows on the connection is not worth reading.
-    pub fn closes_connection(&self) -> bool {
+    pub(crate) fn closes_connection(&self) -> bool {
         matches!(
             self,
             ProxyError::ClientBody | ProxyError::BodyTimeout | ProxyError::Overloaded
         )
     }
 
-    pub fn reason_header(&self) -> HeaderValue {
+    pub(crate) fn reason_header(&self) -> HeaderValue {
         HeaderValue::from_static(self.reason())
     }
 }

@@ -66,7 +66,7 @@ impl Histogram {
 
 /// A bound the proxy holds clients to: each one counted when it bites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
+pub(crate) enum Limit {
     /// A connection sent no whole request head within `header-timeout` of accept.
     HeaderTimeout,
     /// A connection had no request in flight for `idle-timeout`.
@@ -74,7 +74,7 @@ pub enum Limit {
     /// A body arrived too slowly (`body-timeout`), or a streamed body paused too long.
     BodyTimeout,
     /// A keyed request found no room under `buffer-limit` in time.
-    BufferLimit,
+    BufferBytes,
     /// The proxy port was full (`max-connections`).
     MaxConnections,
     /// The admin port was full (`admin-max-connections`).
@@ -82,21 +82,21 @@ pub enum Limit {
 }
 
 impl Limit {
-    pub const ALL: [Limit; 6] = [
+    pub(crate) const ALL: [Limit; 6] = [
         Limit::HeaderTimeout,
         Limit::IdleTimeout,
         Limit::BodyTimeout,
-        Limit::BufferLimit,
+        Limit::BufferBytes,
         Limit::MaxConnections,
         Limit::AdminMaxConnections,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Limit::HeaderTimeout => "header_timeout",
             Limit::IdleTimeout => "idle_timeout",
             Limit::BodyTimeout => "body_timeout",
-            Limit::BufferLimit => "buffer_limit",
+            Limit::BufferBytes => "buffer_limit",
             Limit::MaxConnections => "max_connections",
             Limit::AdminMaxConnections => "admin_max_connections",
         }
@@ -110,7 +110,7 @@ impl Limit {
 /// How a keyed send learned the channel of its token (or, for `issued`, how a token
 /// seen issued through the proxy was placed in its channel without a send).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChannelSource {
+pub(crate) enum ChannelSource {
     /// This process had it cached.
     Cache,
     /// The shared store's directory had it (another replica, or an earlier run).
@@ -126,7 +126,7 @@ pub enum ChannelSource {
 }
 
 impl ChannelSource {
-    pub const ALL: [ChannelSource; 6] = [
+    pub(crate) const ALL: [ChannelSource; 6] = [
         ChannelSource::Cache,
         ChannelSource::Store,
         ChannelSource::Issued,
@@ -135,7 +135,7 @@ impl ChannelSource {
         ChannelSource::Failed,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             ChannelSource::Cache => "cache",
             ChannelSource::Store => "store",
@@ -179,7 +179,7 @@ pub struct Metrics {
 
 /// One request in flight, shared by its handler and any work it left behind.
 #[derive(Clone)]
-pub struct InFlight(#[allow(dead_code)] Arc<InFlightCount>);
+pub(crate) struct InFlight(#[allow(dead_code)] Arc<InFlightCount>);
 
 struct InFlightCount(Arc<Metrics>);
 
@@ -190,7 +190,7 @@ impl Drop for InFlightCount {
 }
 
 /// Decrements its gauge when dropped, so an early return or a panic cannot leak a count.
-pub struct GaugeGuard<'a>(&'a AtomicI64);
+pub(crate) struct GaugeGuard<'a>(&'a AtomicI64);
 
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
@@ -199,74 +199,74 @@ impl Drop for GaugeGuard<'_> {
 }
 
 impl Metrics {
-    pub fn request(&self, endpoint: Option<Endpoint>, outcome: Outcome) {
+    pub(crate) fn request(&self, endpoint: Option<Endpoint>, outcome: Outcome) {
         self.requests[endpoint_index(endpoint)][outcome.index()].fetch_add(1, Relaxed);
     }
 
-    pub fn attempt(&self, endpoint: Option<Endpoint>, latency: Duration) {
+    pub(crate) fn attempt(&self, endpoint: Option<Endpoint>, latency: Duration) {
         let i = endpoint_index(endpoint);
         self.upstream_attempts[i].fetch_add(1, Relaxed);
         self.upstream_latency[i].observe(latency);
     }
 
-    pub fn retry(&self, reason: AttemptFailure) {
+    pub(crate) fn retry(&self, reason: AttemptFailure) {
         self.retries[reason.index()].fetch_add(1, Relaxed);
     }
 
-    pub fn retry_budget_exhausted(&self) {
+    pub(crate) fn retry_budget_exhausted(&self) {
         self.retry_budget_exhausted.fetch_add(1, Relaxed);
     }
 
-    pub fn key_injected(&self, endpoint: Endpoint) {
+    pub(crate) fn key_injected(&self, endpoint: Endpoint) {
         self.keys_injected[endpoint.index()].fetch_add(1, Relaxed);
     }
 
-    pub fn client_key(&self, endpoint: Endpoint) {
+    pub(crate) fn client_key(&self, endpoint: Endpoint) {
         self.client_keys[endpoint.index()].fetch_add(1, Relaxed);
     }
 
-    pub fn stray_key_removed(&self) {
+    pub(crate) fn stray_key_removed(&self) {
         self.stray_keys_removed.fetch_add(1, Relaxed);
     }
 
-    pub fn store_error(&self) {
+    pub(crate) fn store_error(&self) {
         self.store_errors.fetch_add(1, Relaxed);
     }
 
-    pub fn channel(&self, source: ChannelSource) {
+    pub(crate) fn channel(&self, source: ChannelSource) {
         self.channels[source.index()].fetch_add(1, Relaxed);
     }
 
     /// One `GET /v2/bot/info` attempt, answered or not.
-    pub fn channel_lookup(&self, latency: Duration) {
+    pub(crate) fn channel_lookup(&self, latency: Duration) {
         self.channel_lookup_latency.observe(latency);
     }
 
-    pub fn tls_handshake(&self, ok: bool) {
+    pub(crate) fn tls_handshake(&self, ok: bool) {
         self.tls_handshakes.fetch_add(1, Relaxed);
         if !ok {
             self.tls_handshake_failures.fetch_add(1, Relaxed);
         }
     }
 
-    pub fn limit_hit(&self, limit: Limit) {
+    pub(crate) fn limit_hit(&self, limit: Limit) {
         self.limits_hit[limit.index()].fetch_add(1, Relaxed);
     }
 
     /// Request bytes buffered now, proxy-wide: `delta` added or (negative) released.
-    pub fn buffered(&self, delta: i64) {
+    pub(crate) fn buffered(&self, delta: i64) {
         self.buffered_bytes.fetch_add(delta, Relaxed);
     }
 
     /// A share of the in-flight gauge that can outlive the request's handler: the
     /// request counts once, until its last share (handler or detached upstream work)
     /// is dropped.
-    pub fn in_flight_shared(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn in_flight_shared(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Relaxed);
         InFlight(Arc::new(InFlightCount(self.clone())))
     }
 
-    pub fn connect_refused(&self) {
+    pub(crate) fn connect_refused(&self) {
         self.connect_refused.fetch_add(1, Relaxed);
     }
 
@@ -275,22 +275,22 @@ impl Metrics {
         GaugeGuard(gauge)
     }
 
-    pub fn connection(&self) -> GaugeGuard<'_> {
+    pub(crate) fn connection(&self) -> GaugeGuard<'_> {
         self.connections_total.fetch_add(1, Relaxed);
         self.gauge(&self.connections_open)
     }
 
-    pub fn tunnel(&self) -> GaugeGuard<'_> {
+    pub(crate) fn tunnel(&self) -> GaugeGuard<'_> {
         self.tunnels_total.fetch_add(1, Relaxed);
         self.gauge(&self.tunnels_open)
     }
 
-    pub fn in_flight_now(&self) -> i64 {
+    pub(crate) fn in_flight_now(&self) -> i64 {
         self.in_flight.load(Relaxed)
     }
 
     /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, store: StoreStats, leaf_certificates: u64) -> String {
+    pub(crate) fn render(&self, store: StoreStats, leaf_certificates: u64) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let o = &mut out;
 

@@ -12,35 +12,35 @@ use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("backoff base {base:?} must not exceed its cap {cap:?}")]
-pub struct InvalidBackoff {
+pub(crate) struct InvalidBackoff {
     base: Duration,
     cap: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExponentialBackoff {
+pub(crate) struct ExponentialBackoff {
     base: Duration,
     cap: Duration,
 }
 
 impl ExponentialBackoff {
-    pub fn try_new(base: Duration, cap: Duration) -> Result<Self, InvalidBackoff> {
+    pub(crate) fn try_new(base: Duration, cap: Duration) -> Result<Self, InvalidBackoff> {
         if base > cap {
             return Err(InvalidBackoff { base, cap });
         }
         Ok(ExponentialBackoff { base, cap })
     }
 
-    pub fn base(&self) -> Duration {
+    pub(crate) fn base(&self) -> Duration {
         self.base
     }
 
-    pub fn cap(&self) -> Duration {
+    pub(crate) fn cap(&self) -> Duration {
         self.cap
     }
 
     /// The ceiling of the delay before retry number `retry` (1 = first retry).
-    pub fn ceiling(&self, retry: u32) -> Duration {
+    pub(crate) fn ceiling(&self, retry: u32) -> Duration {
         let factor = 1u32
             .checked_shl(retry.saturating_sub(1))
             .unwrap_or(u32::MAX);
@@ -48,7 +48,7 @@ impl ExponentialBackoff {
     }
 
     /// A delay drawn uniformly from `[0, ceiling(retry)]`.
-    pub fn delay(&self, retry: u32, rng: &mut fastrand::Rng) -> Duration {
+    pub(crate) fn delay(&self, retry: u32, rng: &mut fastrand::Rng) -> Duration {
         let ceiling = self.ceiling(retry).as_nanos().min(u64::MAX as u128) as u64;
         Duration::from_nanos(rng.u64(0..=ceiling))
     }
@@ -61,7 +61,7 @@ const MILLI: i64 = 1000;
 /// `min_per_second`, each retry withdraws one. The balance is capped at ten seconds'
 /// worth so that a quiet hour does not bank an unbounded storm.
 #[derive(Debug)]
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     deposit: i64,
     per_second: i64,
     cap: i64,
@@ -72,7 +72,7 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
-    pub fn new(ratio: f64, min_per_second: u32) -> Self {
+    pub(crate) fn new(ratio: f64, min_per_second: u32) -> Self {
         let deposit = (ratio * MILLI as f64).round() as i64;
         let per_second = i64::from(min_per_second) * MILLI;
         let cap = (per_second * 10).max(deposit * 100).max(MILLI);
@@ -87,12 +87,12 @@ impl RetryBudget {
     }
 
     /// Called once per request that reaches the upstream.
-    pub fn deposit(&self) {
+    pub(crate) fn deposit(&self) {
         self.add(self.deposit);
     }
 
     /// Takes one retry from the budget; false when it is spent.
-    pub fn try_withdraw(&self) -> bool {
+    pub(crate) fn try_withdraw(&self) -> bool {
         self.refill(Instant::now());
         self.balance
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {

@@ -6,28 +6,28 @@ use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWrite
 use std::time::Duration;
 
 /// `mutex.lock()`, poisoned or not.
-pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `rwlock.read()`, poisoned or not.
-pub fn read<T: ?Sized>(rwlock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+pub(crate) fn read<T: ?Sized>(rwlock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     rwlock
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `rwlock.write()`, poisoned or not.
-pub fn write<T: ?Sized>(rwlock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+pub(crate) fn write<T: ?Sized>(rwlock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     rwlock
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `condvar.wait(guard)`, poisoned or not.
-pub fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+pub(crate) fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     condvar
         .wait(guard)
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -35,7 +35,7 @@ pub fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a
 
 /// `condvar.wait_timeout(guard, timeout)`, poisoned or not; whether it timed out is
 /// not asked, the caller looks at the guarded value again.
-pub fn wait_timeout<'a, T>(
+pub(crate) fn wait_timeout<'a, T>(
     condvar: &Condvar,
     guard: MutexGuard<'a, T>,
     timeout: Duration,

@@ -26,9 +26,9 @@ use crate::config::LogFormat;
 use crate::domain::RetryKey;
 
 /// The target of the access line, for `RUST_LOG` (`line_retry_proxy::access=off`).
-pub const ACCESS_TARGET: &str = "line_retry_proxy::access";
+pub(crate) const ACCESS_TARGET: &str = "line_retry_proxy::access";
 /// How long a line may wait in the buffer: lines logged within it leave together.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(10);
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(10);
 /// A buffer this full is written at once, without waiting for the tick.
 const FLUSH_AT: usize = 256 * 1024;
 /// Past this many bytes waiting (stderr blocked), lines are dropped and counted.
@@ -212,25 +212,25 @@ pub fn init(format: LogFormat) -> LogGuard {
 }
 
 /// One request, as its access line tells it.
-pub struct Access<'a> {
-    pub method: &'a Method,
-    pub path: &'a str,
+pub(crate) struct Access<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) path: &'a str,
     /// The endpoint's name, or `other`.
-    pub endpoint: &'static str,
-    pub key: Option<&'a RetryKey>,
+    pub(crate) endpoint: &'static str,
+    pub(crate) key: Option<&'a RetryKey>,
     /// The channel the send was keyed under (its bot user ID; not a secret).
-    pub channel: Option<&'a str>,
+    pub(crate) channel: Option<&'a str>,
     /// LINE's `x-line-request-id` of the answer, as the bot got it.
-    pub request_id: Option<&'a str>,
-    pub outcome: &'static str,
-    pub attempts: u32,
-    pub status: u16,
-    pub upstream_status: Option<u16>,
-    pub latency: Duration,
+    pub(crate) request_id: Option<&'a str>,
+    pub(crate) outcome: &'static str,
+    pub(crate) attempts: u32,
+    pub(crate) status: u16,
+    pub(crate) upstream_status: Option<u16>,
+    pub(crate) latency: Duration,
 }
 
 /// Writes the access line of one request, if `RUST_LOG` lets it through.
-pub fn access(line: &Access<'_>) {
+pub(crate) fn access(line: &Access<'_>) {
     if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
         return;
     }

@@ -47,7 +47,7 @@ pub enum StartError {
 /// A proxy ready to run: its configuration and both contexts.
 pub struct App {
     pub config: Config,
-    pub pipeline: Arc<Pipeline>,
+    pub(crate) pipeline: Arc<Pipeline>,
     pub edge: Arc<Edge>,
 }
 

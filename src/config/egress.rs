@@ -36,7 +36,7 @@ pub enum UpstreamProxy {
 impl UpstreamProxy {
     /// The egress proxy a connection to `host:port` goes through, or none for a
     /// direct connection. `host` is a name or an IP address (IPv6 without brackets).
-    pub fn route(&self, host: &str, port: u16) -> Option<&EgressProxy> {
+    pub(crate) fn route(&self, host: &str, port: u16) -> Option<&EgressProxy> {
         match self {
             UpstreamProxy::Direct => None,
             UpstreamProxy::Fixed(proxy) => Some(proxy),
@@ -48,7 +48,7 @@ impl UpstreamProxy {
 
     /// The value as `check-config` prints it (TOML), the password [`MASKED`] (refused
     /// when read back); for `env`, a comment says what the environment gave.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             UpstreamProxy::Direct => "\"\"".to_owned(),
             UpstreamProxy::Fixed(proxy) => format!("{:?}", proxy.to_string()),
@@ -91,12 +91,12 @@ impl fmt::Display for UpstreamProxy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressProxy {
     /// A name or an IP address (an IPv6 one without brackets).
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// Percent-decoded; with `password`, sent as `Proxy-Authorization: Basic`.
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     /// Percent-decoded. Never printed: `Debug` shows `***`, `Display` [`MASKED`].
-    pub password: Option<Secret>,
+    pub(crate) password: Option<Secret>,
 }
 
 impl fmt::Display for EgressProxy {
@@ -125,7 +125,7 @@ impl fmt::Display for EgressProxy {
 pub struct NoProxy(Vec<String>);
 
 impl NoProxy {
-    pub fn parse(value: &str) -> NoProxy {
+    pub(crate) fn parse(value: &str) -> NoProxy {
         NoProxy(
             value
                 .split(',')
@@ -135,7 +135,7 @@ impl NoProxy {
         )
     }
 
-    pub fn bypasses(&self, host: &str, port: u16) -> bool {
+    pub(crate) fn bypasses(&self, host: &str, port: u16) -> bool {
         let host = host
             .trim_matches(['[', ']'])
             .trim_end_matches('.')

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 
-pub use egress::{EgressProxy, NoProxy, UpstreamProxy};
+pub(crate) use egress::{EgressProxy, UpstreamProxy};
 pub use sources::ServeArgs;
 use sources::{list, pick, read_file, FileConfig};
 use values::{
@@ -30,7 +30,7 @@ use crate::domain::{Endpoint, PerEndpoint, LINE_KEY_LIFETIME};
 use crate::retry::ExponentialBackoff;
 
 /// A longer dedup window would replay what LINE itself has forgotten.
-pub const MAX_DEDUP_WINDOW: Duration = LINE_KEY_LIFETIME;
+pub(crate) const MAX_DEDUP_WINDOW: Duration = LINE_KEY_LIFETIME;
 
 /// A year as the duration syntax spells it (`1year`, 365.25 days).
 pub(super) const ONE_YEAR: Duration = Duration::from_secs(31_557_600);
@@ -53,7 +53,7 @@ pub enum KeyScope {
 }
 
 impl KeyScope {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             KeyScope::Channel => "channel",
             KeyScope::Token => "token",
@@ -63,7 +63,7 @@ impl KeyScope {
 
 /// Which answer store: `--store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreKind {
+pub(crate) enum StoreKind {
     /// Embedded, per process.
     Memory,
     /// A Redis (or Valkey) shared by every replica, surviving restarts.
@@ -82,18 +82,18 @@ impl fmt::Display for StoreKind {
 
 /// Where the Redis store is: `redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisTarget {
+pub(crate) struct RedisTarget {
     /// `rediss://`: TLS, the server's certificate always verified.
-    pub tls: bool,
+    pub(crate) tls: bool,
     /// A name or an IP address (an IPv6 one without brackets).
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// The database number (`SELECT`).
-    pub db: i64,
+    pub(crate) db: i64,
     /// For Redis ACLs; none means the default user.
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     /// Never printed: `Debug` shows `***`, `Display` [`MASKED`].
-    pub password: Option<Secret>,
+    pub(crate) password: Option<Secret>,
 }
 
 impl fmt::Display for RedisTarget {
@@ -117,8 +117,8 @@ impl fmt::Display for RedisTarget {
 /// Where base-URL and intercepted traffic is forwarded.
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget {
-    pub scheme: Scheme,
-    pub authority: Authority,
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
 }
 
 impl fmt::Display for UpstreamTarget {
@@ -129,14 +129,14 @@ impl fmt::Display for UpstreamTarget {
 
 /// How one request is retried. Reloadable.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RetryPolicy {
-    pub attempt_timeout: Duration,
-    pub max_attempts: u32,
-    pub backoff: ExponentialBackoff,
-    pub deadline: Duration,
-    pub retry_on_429: bool,
-    pub budget_ratio: f64,
-    pub budget_min_per_second: u32,
+pub(crate) struct RetryPolicy {
+    pub(crate) attempt_timeout: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: ExponentialBackoff,
+    pub(crate) deadline: Duration,
+    pub(crate) retry_on_429: bool,
+    pub(crate) budget_ratio: f64,
+    pub(crate) budget_min_per_second: u32,
 }
 
 /// Per keyed endpoint: how long answers are replayed, and whether failures are retried.
@@ -149,15 +149,15 @@ pub struct EndpointPolicy {
 /// Everything SIGHUP may change without dropping a connection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    pub retry: RetryPolicy,
+    pub(crate) retry: RetryPolicy,
     pub endpoints: PerEndpoint<EndpointPolicy>,
     pub intercept_hosts: Vec<String>,
-    pub tunnel_allow: Vec<String>,
+    pub(crate) tunnel_allow: Vec<String>,
 }
 
 /// Where a host a client names (CONNECT, or an absolute-form target) goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Destination {
+pub(crate) enum Destination {
     /// One of LINE's hosts: its requests go through the request path.
     Intercept,
     /// Allowlisted: bytes (or requests) go through untouched.
@@ -168,7 +168,7 @@ pub enum Destination {
 
 impl Policy {
     /// The one routing decision for a named host, for CONNECT and absolute-form alike.
-    pub fn destination(&self, host: &str, port: u16) -> Destination {
+    pub(crate) fn destination(&self, host: &str, port: u16) -> Destination {
         if self.intercepts(host) {
             Destination::Intercept
         } else if self.tunnel_allowed(host, port) {
@@ -218,38 +218,38 @@ fn endpoint_names() -> String {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin_listen: SocketAddr,
     pub upstream: UpstreamTarget,
-    pub upstream_ca: Option<PathBuf>,
+    pub(crate) upstream_ca: Option<PathBuf>,
     /// The company egress proxy every outbound connection goes through, if any.
-    pub upstream_proxy: UpstreamProxy,
+    pub(crate) upstream_proxy: UpstreamProxy,
     pub ca_dir: PathBuf,
-    pub store: StoreKind,
+    pub(crate) store: StoreKind,
     /// Longest a send waits on a shared store before it goes on without it.
-    pub store_timeout: Duration,
+    pub(crate) store_timeout: Duration,
     /// CA trusted for a `rediss://` store instead of the system roots.
-    pub store_ca: Option<PathBuf>,
+    pub(crate) store_ca: Option<PathBuf>,
     pub log_format: LogFormat,
     pub body_limit: usize,
     pub store_max_bytes: u64,
-    pub canonical_json: bool,
+    pub(crate) canonical_json: bool,
     /// What fingerprints are scoped to; changing it changes every derived key, so it
     /// takes a restart.
     pub key_scope: KeyScope,
     pub proxy_auth: Option<Secret>,
-    pub max_connections: usize,
-    pub header_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) header_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// A keyed body must arrive whole within it; a streamed body may not pause longer.
     pub body_timeout: Duration,
     /// Request bytes buffered at once, across every keyed request and its upstream work.
     pub buffer_limit: u64,
-    pub admin_max_connections: usize,
-    pub handshake_timeout: Duration,
-    pub shutdown_grace: Duration,
-    pub leaf_lifetime: Duration,
+    pub(crate) admin_max_connections: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) leaf_lifetime: Duration,
     /// Lifetime of an intercept CA created by this proxy.
     pub ca_lifetime: Duration,
     pub policy: Policy,

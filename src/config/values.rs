@@ -14,7 +14,7 @@ use super::{LogFormat, RedisTarget, StoreKind, UpstreamTarget, MAX_DEDUP_WINDOW}
 pub struct ConfigError(String);
 
 impl ConfigError {
-    pub fn new(message: impl Into<String>) -> Self {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
         ConfigError(message.into())
     }
 
@@ -41,7 +41,7 @@ pub(super) fn masked(name: &str, hint: &str) -> ConfigError {
 pub struct Secret(pub(super) String);
 
 impl Secret {
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

@@ -16,36 +16,41 @@ use hyper_util::rt::TokioExecutor;
 
 /// How the bot behaves.
 #[derive(Debug, Clone)]
-pub struct Behaviour {
+pub(crate) struct Behaviour {
     /// Tries per message, the first included.
-    pub tries: u32,
+    pub(crate) tries: u32,
     /// How long one try may take before the bot gives up on it.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Before a resend the bot waits a random time up to this (seeded).
-    pub max_pause: Duration,
+    pub(crate) max_pause: Duration,
     /// Messages sent at once (each worker sends one message at a time).
-    pub workers: usize,
-    pub seed: u64,
+    pub(crate) workers: usize,
+    pub(crate) seed: u64,
 }
 
 /// What the bot experienced.
 #[derive(Debug, Default, Clone)]
-pub struct BotReport {
+pub(crate) struct BotReport {
     /// Requests it sent, resends included.
-    pub attempts: usize,
+    pub(crate) attempts: usize,
     /// Messages for which it finally got a 2xx.
-    pub succeeded: usize,
+    pub(crate) succeeded: usize,
     /// Messages it gave up on (by index): still failing after its last try, or
     /// refused (4xx).
-    pub gave_up: Vec<usize>,
+    pub(crate) gave_up: Vec<usize>,
     /// Tries that failed: 5xx answers, timeouts, broken connections.
-    pub errors_5xx: usize,
-    pub timeouts: usize,
-    pub broken: usize,
+    pub(crate) errors_5xx: usize,
+    pub(crate) timeouts: usize,
+    pub(crate) broken: usize,
 }
 
 /// Sends every body as a push to `base` (`http://HOST:PORT`) and resends on errors.
-pub async fn run(base: &str, token: &str, bodies: Arc<Vec<String>>, how: Behaviour) -> BotReport {
+pub(crate) async fn run(
+    base: &str,
+    token: &str,
+    bodies: Arc<Vec<String>>,
+    how: Behaviour,
+) -> BotReport {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let client: Client<HttpConnector, Full<Bytes>> =

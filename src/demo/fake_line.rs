@@ -25,14 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The one endpoint the demo's bot uses.
-pub const PUSH: &str = "/v2/bot/message/push";
+pub(crate) const PUSH: &str = "/v2/bot/message/push";
 const BOT_INFO: &str = "/v2/bot/info";
 /// The demo's one bot: every token belongs to its channel.
 const BOT_USER_ID: &str = "U00000000000000000000000000000de0";
 
 /// What can go wrong with one request, as it goes wrong at LINE's edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// A 500 or 503 before anything is done: nothing delivered.
     Status(u16),
     /// The connection is reset before the request is accepted: nothing delivered.
@@ -45,7 +45,7 @@ pub enum Fault {
 
 impl Fault {
     /// Its name in the demo's output.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Fault::Status(500) => "500",
             Fault::Status(503) => "503",
@@ -58,7 +58,7 @@ impl Fault {
 }
 
 /// The chance of each fault per request; the rest are answered normally.
-pub const FAULT_RATES: [(Fault, f64); 5] = [
+pub(crate) const FAULT_RATES: [(Fault, f64); 5] = [
     (Fault::Status(500), 0.06),
     (Fault::Status(503), 0.04),
     (Fault::Reset, 0.04),
@@ -67,7 +67,7 @@ pub const FAULT_RATES: [(Fault, f64); 5] = [
 ];
 
 /// The fault for the `attempt`-th request (from 0) carrying `body`, or none.
-pub fn draw(seed: u64, body: &[u8], attempt: u32) -> Option<Fault> {
+pub(crate) fn draw(seed: u64, body: &[u8], attempt: u32) -> Option<Fault> {
     let mut rng = fastrand::Rng::with_seed(
         seed ^ fnv1a(body) ^ u64::from(attempt).wrapping_mul(0x9e37_79b9_7f4a_7c15),
     );
@@ -90,19 +90,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// What the fake LINE saw and did, for the demo's table.
 #[derive(Debug, Default, Clone)]
-pub struct Tally {
+pub(crate) struct Tally {
     /// Every request to the push endpoint that arrived whole.
-    pub requests: usize,
+    pub(crate) requests: usize,
     /// Deliveries per message body: what users would have received.
-    pub deliveries: HashMap<Bytes, usize>,
+    pub(crate) deliveries: HashMap<Bytes, usize>,
     /// 409s: a retry key that had already been accepted came again.
-    pub conflicts: usize,
+    pub(crate) conflicts: usize,
     /// How often each fault was applied.
-    pub faults: BTreeMap<Fault, usize>,
+    pub(crate) faults: BTreeMap<Fault, usize>,
 }
 
 impl Tally {
-    pub fn total_deliveries(&self) -> usize {
+    pub(crate) fn total_deliveries(&self) -> usize {
         self.deliveries.values().sum()
     }
 }
@@ -144,14 +144,14 @@ impl State {
 }
 
 /// A running fake LINE; stopped by [`FakeLine::stop`] or when dropped.
-pub struct FakeLine {
+pub(crate) struct FakeLine {
     addr: SocketAddr,
     state: Arc<State>,
 }
 
 impl FakeLine {
     /// Listens on 127.0.0.1 on a free port.
-    pub async fn start(seed: u64, hang: Duration) -> std::io::Result<FakeLine> {
+    pub(crate) async fn start(seed: u64, hang: Duration) -> std::io::Result<FakeLine> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -165,13 +165,13 @@ impl FakeLine {
         Ok(FakeLine { addr, state })
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Closes every connection, waits (at most `limit`) for them to end, and returns
     /// what was seen.
-    pub async fn stop(self, limit: Duration) -> Tally {
+    pub(crate) async fn stop(self, limit: Duration) -> Tally {
         self.state.stop.cancel();
         self.state.tasks.close();
         let _ = tokio::time::timeout(limit, self.state.tasks.wait()).await;

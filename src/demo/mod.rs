@@ -8,8 +8,8 @@
 //!
 //! Like `main`, this is a composition root: it starts the app, and nothing imports it.
 
-pub mod bot;
-pub mod fake_line;
+pub(crate) mod bot;
+pub(crate) mod fake_line;
 mod table;
 
 use std::path::PathBuf;
@@ -43,14 +43,14 @@ const RUN_LIMIT: Duration = Duration::from_secs(120);
 pub struct DemoArgs {
     /// Messages the bot pushes in each run
     #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=5000))]
-    pub sends: u32,
+    pub(crate) sends: u32,
     /// Seed of the fake LINE's faults and the bot's pauses: the same seed, the same faults
     #[arg(long, value_name = "N", default_value_t = 1)]
-    pub seed: u64,
+    pub(crate) seed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+pub(crate) enum DemoError {
     #[error("demo proxy config: {0}")]
     Config(#[from] ConfigError),
     #[error("demo proxy: {0}")]
@@ -98,38 +98,38 @@ pub fn main(args: &DemoArgs) -> ExitCode {
 
 /// One run: what the bot saw, what LINE saw, and (through the proxy) how it answered.
 #[derive(Debug, Default)]
-pub struct RunReport {
-    pub bot: BotReport,
-    pub line: Tally,
+pub(crate) struct RunReport {
+    pub(crate) bot: BotReport,
+    pub(crate) line: Tally,
     /// Messages delivered at least once.
-    pub delivered: usize,
+    pub(crate) delivered: usize,
     /// Deliveries beyond the first of each message.
-    pub duplicates: usize,
+    pub(crate) duplicates: usize,
     /// Messages never delivered.
-    pub lost: usize,
+    pub(crate) lost: usize,
     /// Messages the bot gave up on that were delivered all the same.
-    pub gave_up_delivered: usize,
+    pub(crate) gave_up_delivered: usize,
     /// The proxy's answers by outcome, and its retries (from its metrics).
-    pub proxy: Option<ProxyCounts>,
+    pub(crate) proxy: Option<ProxyCounts>,
 }
 
 #[derive(Debug, Default)]
-pub struct ProxyCounts {
-    pub outcomes: Vec<(Outcome, u64)>,
-    pub retries: u64,
+pub(crate) struct ProxyCounts {
+    pub(crate) outcomes: Vec<(Outcome, u64)>,
+    pub(crate) retries: u64,
     /// The proxy's retry settings, as the header of the output names them.
-    pub settings: String,
+    pub(crate) settings: String,
 }
 
-pub struct Report {
-    pub sends: usize,
-    pub seed: u64,
-    pub behaviour: Behaviour,
-    pub bare: RunReport,
-    pub proxied: RunReport,
+pub(crate) struct Report {
+    pub(crate) sends: usize,
+    pub(crate) seed: u64,
+    pub(crate) behaviour: Behaviour,
+    pub(crate) bare: RunReport,
+    pub(crate) proxied: RunReport,
 }
 
-pub async fn run(args: &DemoArgs) -> Result<Report, DemoError> {
+pub(crate) async fn run(args: &DemoArgs) -> Result<Report, DemoError> {
     let bodies: Arc<Vec<String>> = Arc::new(
         (0..args.sends)
             .map(|i| {

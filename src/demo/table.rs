@@ -7,11 +7,11 @@ use super::{Report, TIME_SCALE};
 
 impl Report {
     /// Every message delivered exactly once through the proxy.
-    pub fn proxied_is_exact(&self) -> bool {
+    pub(crate) fn proxied_is_exact(&self) -> bool {
         self.proxied.duplicates == 0 && self.proxied.lost == 0
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut o = String::new();
         let b = &self.behaviour;
         let rates: Vec<String> = FAULT_RATES

@@ -24,7 +24,7 @@ use super::Edge;
 use crate::body::full;
 use crate::metrics::Limit;
 
-pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
+pub(crate) async fn serve(edge: Arc<Edge>, listener: TcpListener) {
     let limit = Arc::new(Semaphore::new(edge.limits.admin_max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {

@@ -6,7 +6,7 @@ use base64::Engine;
 use crate::config::Secret;
 
 /// Whether `headers` satisfy the proxy's credential, when one is required.
-pub fn authorized(expected: Option<&Secret>, headers: &http::HeaderMap) -> bool {
+pub(crate) fn authorized(expected: Option<&Secret>, headers: &http::HeaderMap) -> bool {
     let Some(expected) = expected else {
         return true;
     };

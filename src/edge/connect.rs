@@ -32,13 +32,13 @@ use crate::error::ProxyError;
 use crate::pipeline::respond;
 
 /// The bot's side of an intercepted tunnel, decrypted.
-pub type Decrypted = tokio_rustls::server::TlsStream<TokioIo<Upgraded>>;
+pub(crate) type Decrypted = tokio_rustls::server::TlsStream<TokioIo<Upgraded>>;
 
 /// Serves the requests of an intercepted tunnel: the caller's connection serving, passed
 /// in so that this file does not import the one that imports it.
-pub type ServeIntercepted = fn(Arc<Edge>, Decrypted, SocketAddr) -> BoxFuture<'static, ()>;
+pub(crate) type ServeIntercepted = fn(Arc<Edge>, Decrypted) -> BoxFuture<'static, ()>;
 
-pub async fn handle(
+pub(crate) async fn handle(
     edge: Arc<Edge>,
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -176,7 +176,7 @@ async fn intercept(
         }
     };
     edge.metrics.tls_handshake(true);
-    serve(edge, tls, peer).await;
+    serve(edge, tls).await;
 }
 
 /// Bytes both ways until either side closes, or shutdown.

@@ -24,7 +24,7 @@ use crate::metrics::{Limit, Metrics};
 
 /// One connection's requests in flight.
 #[derive(Debug, Clone, Default)]
-pub struct Activity(Arc<Inner>);
+pub(crate) struct Activity(Arc<Inner>);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -35,7 +35,7 @@ struct Inner {
 
 /// A request in flight; dropping it ends the request.
 #[derive(Debug)]
-pub struct Busy(Arc<Inner>);
+pub(crate) struct Busy(Arc<Inner>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -45,7 +45,7 @@ impl Drop for Busy {
 }
 
 impl Activity {
-    pub fn begin(&self) -> Busy {
+    pub(crate) fn begin(&self) -> Busy {
         self.0.busy.fetch_add(1, Ordering::AcqRel);
         self.0.changed.notify_waiters();
         Busy(self.0.clone())
@@ -53,7 +53,7 @@ impl Activity {
 
     /// Resolves once the connection has had no request in flight for `first` before
     /// its first request, or for `idle` since its last one ended; says which.
-    pub async fn idle_for(&self, first: Duration, idle: Duration) -> Limit {
+    pub(crate) async fn idle_for(&self, first: Duration, idle: Duration) -> Limit {
         let mut limit = first;
         let mut which = Limit::HeaderTimeout;
         loop {
@@ -85,12 +85,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A served connection, boxed: generic over hyper's connection types, the compiler
 /// loses the body error's lifetime in the `Send` check of the recursive tunnel future.
-pub type Conn<'a, E> =
+pub(crate) type Conn<'a, E> =
     Pin<Box<dyn GracefulConnection<Error = E, Output = Result<(), E>> + Send + 'a>>;
 
 /// Runs a connection until it ends, until it is idle past its limits, or until shutdown
 /// (then it finishes the requests it has).
-pub async fn drive<E: Into<BoxError>>(
+pub(crate) async fn drive<E: Into<BoxError>>(
     mut conn: Conn<'_, E>,
     activity: &Activity,
     limits: &Limits,
@@ -129,7 +129,7 @@ pub async fn drive<E: Into<BoxError>>(
 }
 
 /// An answer body that keeps its request in flight until it has been sent or dropped.
-pub fn hold(body: ProxyBody, busy: Busy) -> ProxyBody {
+pub(crate) fn hold(body: ProxyBody, busy: Busy) -> ProxyBody {
     http_body_util::BodyExt::boxed_unsync(Held { body, _busy: busy })
 }
 

@@ -11,7 +11,7 @@ use super::slot::ConnectionSlot;
 use super::Edge;
 use crate::metrics::Limit;
 
-pub async fn serve(edge: Arc<Edge>, listener: TcpListener) {
+pub(crate) async fn serve(edge: Arc<Edge>, listener: TcpListener) {
     let limit = Arc::new(Semaphore::new(edge.limits.max_connections));
     loop {
         let accepted = tokio::select! {

@@ -10,14 +10,14 @@
 //! bounds idle and slow connections; `auth` checks Proxy-Authorization; `admin` serves
 //! the admin port; `intercept` holds the CA and its leaves.
 
-pub mod admin;
-pub mod auth;
+pub(crate) mod admin;
+pub(crate) mod auth;
 pub mod connect;
-pub mod idle;
+pub(crate) mod idle;
 pub mod intercept;
-pub mod listener;
+pub(crate) mod listener;
 pub mod serve;
-pub mod slot;
+pub(crate) mod slot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,47 +35,47 @@ use intercept::leaf::LeafCache;
 
 /// What the edge holds the outside world to.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Client connections served at once; more are closed at accept. Each CONNECT
     /// tunnel keeps the place of the connection that opened it.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Connections to the admin port at once: a flood there cannot take the
     /// descriptors the proxy port needs.
-    pub admin_max_connections: usize,
+    pub(crate) admin_max_connections: usize,
     /// Time a client has to send its first request head, from accept (or from the end
     /// of the TLS handshake inside a tunnel).
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
     /// Time a connection may have no request in flight before it is closed.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Time a client has to finish a TLS handshake inside CONNECT.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
 }
 
 /// The edge's context.
 pub struct Edge {
     /// Where requests bound for LINE go.
-    pub pipeline: Arc<Pipeline>,
+    pub(crate) pipeline: Arc<Pipeline>,
     /// Leaf certificates for intercepted hosts, issued by the proxy's CA.
     pub leaves: LeafCache,
     /// Shared by every client connection: HTTP/1.1 and HTTP/2, with timeouts.
-    pub http: auto::Builder<TokioExecutor>,
+    pub(crate) http: auto::Builder<TokioExecutor>,
     /// `Proxy-Authorization: Basic` required on CONNECT and absolute-form requests.
-    pub proxy_auth: Option<Secret>,
+    pub(crate) proxy_auth: Option<Secret>,
     /// How tunnels to allowlisted hosts reach them: directly or through the company
     /// egress proxy, as the client to LINE does.
-    pub egress: Arc<Egress>,
-    pub limits: Limits,
-    pub metrics: Arc<Metrics>,
+    pub(crate) egress: Arc<Egress>,
+    pub(crate) limits: Limits,
+    pub(crate) metrics: Arc<Metrics>,
     /// Connections and tunnels: shutdown waits for all of them.
-    pub tasks: TaskTracker,
+    pub(crate) tasks: TaskTracker,
     /// Cancelled when shutdown begins: listeners stop accepting, connections drain.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl Edge {
     /// The Prometheus text of everything this proxy counts. A shared store is asked
     /// for its figures first (bounded by its timeout).
-    pub async fn render_metrics(&self) -> String {
+    pub(crate) async fn render_metrics(&self) -> String {
         self.pipeline.store.refresh().await;
         self.metrics
             .render(self.pipeline.store.stats(), self.leaves.len())

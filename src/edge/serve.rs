@@ -32,14 +32,14 @@ use crate::pipeline::{classify, forward, respond};
 
 /// Where a connection came from: decides how its requests are routed.
 #[derive(Debug, Clone)]
-pub enum Front {
+pub(crate) enum Front {
     /// The proxy port itself.
     Listener {
         peer: SocketAddr,
         slot: ConnectionSlot,
     },
     /// Decrypted from a CONNECT tunnel to an intercepted host: every request is for LINE.
-    Intercepted { peer: SocketAddr },
+    Intercepted,
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection until it closes, or until shutdown
@@ -47,7 +47,7 @@ pub enum Front {
 ///
 /// Boxed because it is recursive through CONNECT: a connection's request may open
 /// an intercepted tunnel, which serves a connection of its own.
-pub fn serve_connection<I>(edge: Arc<Edge>, io: I, front: Front) -> BoxFuture<'static, ()>
+pub(crate) fn serve_connection<I>(edge: Arc<Edge>, io: I, front: Front) -> BoxFuture<'static, ()>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -56,12 +56,8 @@ where
 
 /// The decrypted side of an intercepted CONNECT, handed to [`connect::handle`] so that
 /// `connect` need not know this file: every request on it is for LINE.
-fn serve_intercepted(
-    edge: Arc<Edge>,
-    tls: connect::Decrypted,
-    peer: SocketAddr,
-) -> BoxFuture<'static, ()> {
-    serve_connection(edge, tls, Front::Intercepted { peer })
+fn serve_intercepted(edge: Arc<Edge>, tls: connect::Decrypted) -> BoxFuture<'static, ()> {
+    serve_connection(edge, tls, Front::Intercepted)
 }
 
 async fn serve_connection_inner<I>(edge: Arc<Edge>, io: I, front: Front)
@@ -100,10 +96,10 @@ async fn route(edge: Arc<Edge>, req: Request<Incoming>, front: Front) -> Respons
     }
     let req = normalize(req);
     match front {
-        Front::Intercepted { .. } if req.method() == Method::CONNECT => respond::error_response(
+        Front::Intercepted if req.method() == Method::CONNECT => respond::error_response(
             &ProxyError::MethodNotAllowed("CONNECT inside a tunnel to LINE is not allowed"),
         ),
-        Front::Intercepted { .. } => edge.pipeline.handle(req).await,
+        Front::Intercepted => edge.pipeline.handle(req).await,
         Front::Listener { peer, slot } => {
             if req.method() == Method::CONNECT && req.version() >= Version::HTTP_2 {
                 // Streams of one HTTP/2 connection would share its one place under

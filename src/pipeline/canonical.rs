@@ -11,7 +11,7 @@
 //! hashes the raw bytes.
 
 /// serde_json's own recursion limit; deeper input is hashed raw, never recursed into.
-pub const MAX_DEPTH: usize = 128;
+pub(crate) const MAX_DEPTH: usize = 128;
 
 /// The canonical form of `body`, or `None` if it is not JSON that can be canonicalised
 /// exactly.

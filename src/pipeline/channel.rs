@@ -38,7 +38,7 @@ use crate::store::ChannelName;
 
 /// The longest a token's channel is cached: LINE forgets a retry key after a day, and
 /// a lookup a day per token is nothing.
-pub const CHANNEL_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const CHANNEL_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// The byte bound of the token cache (about 80 000 tokens) and of the channel id map.
 const TOKEN_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 const ID_CACHE_BYTES: u64 = 1024 * 1024;
@@ -49,7 +49,7 @@ const USER_AGENT_VALUE: &str = concat!("line-retry-proxy/", env!("CARGO_PKG_VERS
 
 /// What LINE said of a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Vouched {
+pub(crate) enum Vouched {
     /// The token belongs to this channel.
     Channel(ChannelId),
     /// LINE refused the token (401, 400 or 403): it learns nothing, and the request is
@@ -59,9 +59,9 @@ pub enum Vouched {
 
 /// Why a token's channel could not be learned in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LookupFailed {
-    pub attempts: u32,
-    pub last: AttemptFailure,
+pub(crate) struct LookupFailed {
+    pub(crate) attempts: u32,
+    pub(crate) last: AttemptFailure,
 }
 
 /// A lookup that gave no answer within the request's deadline.
@@ -101,7 +101,7 @@ enum Looked {
 }
 
 /// The proxy's directory of channels: what it has learned, and the lookups under way.
-pub struct Channels {
+pub(crate) struct Channels {
     /// Token tag → channel. Never the token.
     tokens: Cache<TokenTag, Entry>,
     /// LINE's numeric channel id → the bot user ID, learned when a token issued for

@@ -67,7 +67,7 @@ fn is_escape(bytes: &[u8], i: usize) -> bool {
 
 /// Whether `path` has a `%` that does not start a `%XX` escape: no valid request
 /// target does, and servers disagree on what it means.
-pub fn malformed_escape(path: &str) -> bool {
+pub(crate) fn malformed_escape(path: &str) -> bool {
     let bytes = path.as_bytes();
     bytes
         .iter()

@@ -29,7 +29,7 @@ const TOKEN_TAG: &[u8] = b"line-retry-proxy/token/v1\0";
 /// The access token of `Authorization: Bearer <token>`. The scheme is matched in any
 /// letter case (RFC 9110 §11.1) and the spaces around the token are not part of it, so
 /// `Bearer  tok` and `bearer tok` are the same token.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
@@ -38,7 +38,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 
 /// The tag of a token (or, for a request without one, of its Authorization value):
 /// who may read a kept answer, and the name its channel is cached under.
-pub fn token_tag(token: &[u8]) -> TokenTag {
+pub(crate) fn token_tag(token: &[u8]) -> TokenTag {
     let mut h = Sha256::new();
     h.update(TOKEN_TAG);
     h.update(token);
@@ -49,7 +49,7 @@ pub fn token_tag(token: &[u8]) -> TokenTag {
 }
 
 /// The scope of every token LINE says belongs to `channel`.
-pub fn channel_scope(channel: &ChannelId) -> [u8; 32] {
+pub(crate) fn channel_scope(channel: &ChannelId) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(CHANNEL_SCOPE);
     h.update(channel.as_str().as_bytes());
@@ -58,7 +58,7 @@ pub fn channel_scope(channel: &ChannelId) -> [u8; 32] {
 
 /// The scope of a token LINE did not vouch for (or a request with none): its own,
 /// apart from every channel's.
-pub fn unvouched_scope(tag: &TokenTag) -> [u8; 32] {
+pub(crate) fn unvouched_scope(tag: &TokenTag) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(UNVOUCHED_SCOPE);
     h.update(tag.0);
@@ -68,7 +68,7 @@ pub fn unvouched_scope(tag: &TokenTag) -> [u8; 32] {
 /// `key-scope = token`: a hash of the Authorization value, as the versions before
 /// channel scope derived it. Requests without one share the empty scope, which LINE
 /// rejects anyway.
-pub fn token_scope(headers: &HeaderMap) -> [u8; 32] {
+pub(crate) fn token_scope(headers: &HeaderMap) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(SCOPE_VERSION);
     if let Some(auth) = headers.get(http::header::AUTHORIZATION) {

@@ -34,7 +34,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Removes the headers that describe one connection, not the message: those listed
 /// in `Connection`, and the fixed hop-by-hop set.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -66,7 +66,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// so a stray one (sticky-key client bugs) is removed rather than earning a 400; but
 /// only where the path is certainly not a keyed one: on a path the proxy cannot read
 /// for certain, the bot's key is all that stands between a resend and a duplicate.
-pub async fn to_line<B>(p: &Pipeline, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError>
+pub(crate) async fn to_line<B>(
+    p: &Pipeline,
+    req: Request<B>,
+) -> Result<Response<ProxyBody>, ProxyError>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -82,7 +85,7 @@ where
 }
 
 /// Sends one request to `uri`, streaming its body, and streams the answer back.
-pub async fn forward(
+pub(crate) async fn forward(
     p: &Pipeline,
     parts: &mut Parts,
     body: ProxyBody,

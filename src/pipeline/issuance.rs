@@ -33,12 +33,12 @@ const ISSUERS: [&str; 3] = [
 ];
 
 /// Whether this request asks LINE for a token.
-pub fn is_issuance(method: &Method, path: &str) -> bool {
+pub(crate) fn is_issuance(method: &Method, path: &str) -> bool {
     method == Method::POST && ISSUERS.contains(&path)
 }
 
 /// Forwards a token request and learns the issued token's channel from LINE's answer.
-pub async fn forward_issuance(
+pub(crate) async fn forward_issuance(
     p: &Arc<Pipeline>,
     req: Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, ProxyError> {

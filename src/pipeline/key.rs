@@ -19,7 +19,7 @@ const NAMESPACE: Uuid = Uuid::from_u128(0x6c1e_7e2a_55b0_4f0e_9d3c_2b7a_1f48_c0d
 /// window, the index of the window in which the send was *first seen* is mixed in: an
 /// identical request a window after that is a new send at LINE too, not a 409, while
 /// a resend of a send whose outcome was unknown keeps its key across a boundary.
-pub fn derive(fp: &Fingerprint, window: Duration, first_seen: SystemTime) -> RetryKey {
+pub(crate) fn derive(fp: &Fingerprint, window: Duration, first_seen: SystemTime) -> RetryKey {
     if window >= LINE_KEY_LIFETIME || window.is_zero() {
         return RetryKey::Derived(Uuid::new_v5(&NAMESPACE, &fp.0));
     }

@@ -21,11 +21,11 @@ mod channel;
 pub mod classify;
 mod detach;
 pub mod fingerprint;
-pub mod forward;
+pub(crate) mod forward;
 mod issuance;
-pub mod key;
+pub(crate) mod key;
 pub mod read;
-pub mod respond;
+pub(crate) mod respond;
 pub mod send;
 pub mod settle;
 
@@ -57,17 +57,17 @@ const LEASE_MARGIN: Duration = Duration::from_secs(5);
 const MAX_CLAIMS: usize = 3;
 
 /// The wall clock, replaceable so that tests can cross window boundaries at will.
-pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 /// What SIGHUP may replace: read once per request, swapped whole.
-pub struct Settings {
-    pub policy: Policy,
+pub(crate) struct Settings {
+    pub(crate) policy: Policy,
     /// Rebuilt with the policy, so a new ratio takes effect at once.
-    pub budget: RetryBudget,
+    pub(crate) budget: RetryBudget,
 }
 
 impl Settings {
-    pub fn new(policy: Policy) -> Self {
+    pub(crate) fn new(policy: Policy) -> Self {
         let budget = RetryBudget::new(
             policy.retry.budget_ratio,
             policy.retry.budget_min_per_second,
@@ -81,14 +81,14 @@ pub struct Pipeline {
     /// Claims of sends in flight and the answers kept for replay (phases 5 and 7).
     pub store: Box<dyn Store>,
     /// The way out to LINE.
-    pub upstream: Arc<dyn Upstream>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) upstream: Arc<dyn Upstream>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Upstream work runs in tasks of its own, tracked so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// How bodies are read: size, time, and the proxy-wide byte budget (phase 2).
-    pub intake: read::Intake,
+    pub(crate) intake: read::Intake,
     /// Fingerprint JSON bodies in canonical form (phase 3).
-    pub canonical_json: bool,
+    pub(crate) canonical_json: bool,
     /// What a fingerprint is scoped to: the token's channel, or the token (phase 3).
     key_scope: KeyScope,
     /// Tokens' channels, learned and being learned (phase 3a).
@@ -134,12 +134,12 @@ impl Pipeline {
 
     /// The settings in force. A read lock held for one `Arc` clone: never contended
     /// except for the instant of a reload.
-    pub fn settings(&self) -> Arc<Settings> {
+    pub(crate) fn settings(&self) -> Arc<Settings> {
         crate::sync::read(&self.settings).clone()
     }
 
     /// Swaps in a new policy; requests already running keep the one they started with.
-    pub fn reload(&self, policy: Policy) {
+    pub(crate) fn reload(&self, policy: Policy) {
         let next = Arc::new(Settings::new(policy));
         *crate::sync::write(&self.settings) = next;
     }

@@ -21,25 +21,25 @@ use crate::metrics::{Limit, Metrics};
 
 /// Each buffered request counts at least this much: its task, headers and answer cost
 /// memory too, so many tiny requests cannot slip past the budget.
-pub const MIN_CHARGE: usize = 16 * 1024;
+pub(crate) const MIN_CHARGE: usize = 16 * 1024;
 /// How long a keyed request waits for room under `buffer-limit` before its 503.
-pub const BUFFER_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const BUFFER_WAIT: Duration = Duration::from_secs(1);
 
 /// How request bodies are taken in: size, time, and the proxy-wide byte budget.
 pub struct Intake {
     /// The largest keyed body buffered (`body-limit`).
-    pub body_limit: usize,
+    pub(crate) body_limit: usize,
     /// A keyed body must arrive whole within it; a streamed one may not pause longer.
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     /// A streamed answer from the upstream may not pause longer than this.
-    pub stream_idle: Duration,
+    pub(crate) stream_idle: Duration,
     /// One permit per byte of `buffer-limit`.
     buffer: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
 
 /// Bytes of `buffer-limit` held by one request; given back on drop.
-pub struct Charge {
+pub(crate) struct Charge {
     permit: OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
 }
@@ -79,7 +79,7 @@ impl Intake {
         };
         let acquired = timeout(BUFFER_WAIT, self.buffer.clone().acquire_many_owned(n)).await;
         let Ok(Ok(permit)) = acquired else {
-            self.metrics.limit_hit(Limit::BufferLimit);
+            self.metrics.limit_hit(Limit::BufferBytes);
             return Err(ProxyError::Overloaded);
         };
         self.metrics.buffered(bytes as i64);
@@ -97,7 +97,7 @@ impl Intake {
 }
 
 /// The whole body, and the share of the budget it holds.
-pub async fn body<B>(
+pub(crate) async fn body<B>(
     body: B,
     headers: &HeaderMap,
     intake: &Intake,

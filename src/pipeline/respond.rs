@@ -9,12 +9,12 @@ use crate::domain::{Answer, KeptHeaders, Outcome, RETRY_KEY_HEADER};
 use crate::error::ProxyError;
 
 /// Says how the answer was obtained: fresh, replayed, coalesced, conflict-resolved, …
-pub const OUTCOME_HEADER: HeaderName = HeaderName::from_static("x-line-retry-proxy");
+pub(crate) const OUTCOME_HEADER: HeaderName = HeaderName::from_static("x-line-retry-proxy");
 /// On answers made by the proxy itself: the error's stable reason.
-pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-line-retry-proxy-error");
+pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-line-retry-proxy-error");
 
 /// The response for a stored or fresh answer, as seen through `outcome`.
-pub fn answer_response(answer: &Answer, outcome: Outcome) -> Response<ProxyBody> {
+pub(crate) fn answer_response(answer: &Answer, outcome: Outcome) -> Response<ProxyBody> {
     let mut res = Response::new(full(answer.body.clone()));
     *res.status_mut() = answer.status;
     let headers = res.headers_mut();
@@ -28,7 +28,7 @@ pub fn answer_response(answer: &Answer, outcome: Outcome) -> Response<ProxyBody>
 }
 
 /// The one place a request-path error becomes an HTTP answer.
-pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
+pub(crate) fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     let (status, kept, body) = error_parts(err);
     let mut res = Response::new(full(body));
     *res.status_mut() = status;
@@ -50,7 +50,7 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
 }
 
 /// An error as a storable-shaped answer, so coalesced waiters get it too.
-pub fn error_parts(err: &ProxyError) -> (http::StatusCode, KeptHeaders, Bytes) {
+pub(crate) fn error_parts(err: &ProxyError) -> (http::StatusCode, KeptHeaders, Bytes) {
     let headers = Box::new([
         (CONTENT_TYPE, HeaderValue::from_static("application/json")),
         (ERROR_HEADER, err.reason_header()),

@@ -29,40 +29,40 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 pub(super) const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(200);
 
 /// The request as it goes upstream, reusable across attempts without copying the body.
-pub struct Outbound {
-    pub method: Method,
-    pub uri: Uri,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct Outbound {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 /// LINE's answer to the last attempt.
 #[derive(Debug)]
-pub struct Sent {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub attempts: u32,
+pub(crate) struct Sent {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) attempts: u32,
 }
 
-pub struct Sender<'a> {
-    pub upstream: &'a dyn Upstream,
-    pub policy: &'a RetryPolicy,
+pub(crate) struct Sender<'a> {
+    pub(crate) upstream: &'a dyn Upstream,
+    pub(crate) policy: &'a RetryPolicy,
     /// The endpoint's own switch: false sends once.
-    pub retry: bool,
-    pub budget: &'a RetryBudget,
-    pub metrics: &'a Metrics,
-    pub endpoint: Endpoint,
+    pub(crate) retry: bool,
+    pub(crate) budget: &'a RetryBudget,
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) endpoint: Endpoint,
     /// Named by the lines logged when the proxy gives up, so they say which send.
-    pub key: &'a RetryKey,
+    pub(crate) key: &'a RetryKey,
     /// The channel the send was keyed under, when LINE vouched for one: named there too.
-    pub channel: Option<&'a ChannelId>,
+    pub(crate) channel: Option<&'a ChannelId>,
 }
 
 impl Sender<'_> {
     /// Sends until LINE gives an answer that may be kept or returned. An exhausted
     /// series of 5xx returns LINE's last 5xx; exhausted transport failures are errors.
-    pub async fn send(&self, out: &Outbound) -> Result<Sent, ProxyError> {
+    pub(crate) async fn send(&self, out: &Outbound) -> Result<Sent, ProxyError> {
         let started = Instant::now();
         let deadline = started + self.policy.deadline;
         let backoff = self.policy.backoff;

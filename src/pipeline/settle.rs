@@ -18,8 +18,9 @@ use super::send::Sent;
 use crate::domain::{Answer, Endpoint, KeptHeaders, Outcome, RetryKey, TokenTag};
 use crate::error::ProxyError;
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-line-request-id");
-pub const ACCEPTED_REQUEST_ID: HeaderName = HeaderName::from_static("x-line-accepted-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-line-request-id");
+pub(crate) const ACCEPTED_REQUEST_ID: HeaderName =
+    HeaderName::from_static("x-line-accepted-request-id");
 
 /// LINE's headers worth keeping with an answer; everything else is per-connection.
 const KEPT_HEADERS: [HeaderName; 4] = [
@@ -29,14 +30,14 @@ const KEPT_HEADERS: [HeaderName; 4] = [
     http::header::RETRY_AFTER,
 ];
 
-pub struct Settled {
-    pub answer: Arc<Answer>,
+pub(crate) struct Settled {
+    pub(crate) answer: Arc<Answer>,
     /// Whether the answer may be replayed to an identical request.
-    pub keep: bool,
+    pub(crate) keep: bool,
 }
 
 /// `owner` is the token the send went out with: the only one a kept answer is replayed to.
-pub fn settle(
+pub(crate) fn settle(
     endpoint: Endpoint,
     key: RetryKey,
     owner: TokenTag,
