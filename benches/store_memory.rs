@@ -72,7 +72,7 @@ async fn main() {
         };
         match store.claim(claim).await {
             Ok(Claim::Owner { ticket, .. }) => {
-                let _ = ticket.settle(answer(i), true).await;
+                let _ = ticket.publish(answer(i), true).await;
             }
             _ => panic!("every fingerprint is new"),
         }

@@ -157,7 +157,7 @@ async fn main() {
                 };
                 match store.claim(claim).await {
                     Ok(Claim::Owner { ticket, .. }) => {
-                        ticket.settle(answer(i), true).await.expect("settled");
+                        ticket.publish(answer(i), true).await.expect("settled");
                     }
                     Ok(_) => panic!("every fingerprint is new"),
                     Err(err) => panic!("store failed: {err}"),

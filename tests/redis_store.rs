@@ -115,7 +115,7 @@ async fn first_claims_then_others_wait_then_replay() {
     let waiting = waiting(claim(&store, 1).await);
     let _other = owner(claim(&store, 2).await);
     assert_eq!(store.stats().claims, 2);
-    ticket.settle(answer("first"), true).await.unwrap();
+    ticket.publish(answer("first"), true).await.unwrap();
     let woken = tokio::time::timeout(SOON, waiting).await.expect("woken");
     assert_eq!(woken.unwrap().body, "first");
     let Claim::Done(replayed) = claim(&store, 1).await else {
@@ -136,7 +136,7 @@ async fn unstored_answer_reaches_waiters_but_is_not_replayed() {
     let store = store(&server, 0).await;
     let (ticket, _) = owner(claim(&store, 1).await);
     let waiting = waiting(claim(&store, 1).await);
-    ticket.settle(answer("502"), false).await.unwrap();
+    ticket.publish(answer("502"), false).await.unwrap();
     let woken = tokio::time::timeout(SOON, waiting).await.expect("woken");
     assert_eq!(woken.unwrap().body, "502");
     owner(claim(&store, 1).await);
@@ -186,7 +186,7 @@ async fn answers_expire_when_the_window_has_passed_since_first_sight() {
     let window = Duration::from_secs(600);
     let t0 = SystemTime::now();
     let (ticket, _) = owner(store.claim(request(1, window, t0)).await.unwrap());
-    ticket.settle(answer("x"), true).await.unwrap();
+    ticket.publish(answer("x"), true).await.unwrap();
     let inside = t0 + window - Duration::from_millis(1);
     assert!(matches!(
         store.claim(request(1, window, inside)).await.unwrap(),
@@ -206,7 +206,7 @@ async fn a_shortened_window_applies_to_answers_already_kept() {
     let store = store(&server, 0).await;
     let t0 = SystemTime::now();
     let (ticket, _) = owner(store.claim(request(1, DAY, t0)).await.unwrap());
-    ticket.settle(answer("old"), true).await.unwrap();
+    ticket.publish(answer("old"), true).await.unwrap();
     let later = t0 + Duration::from_secs(17 * 60);
     let ten_minutes = Duration::from_secs(600);
     assert!(matches!(
@@ -226,16 +226,16 @@ async fn a_short_window_keeps_its_first_sighting_whatever_the_outcome() {
     let (ticket, first) = owner(store.claim(request(1, window, t0)).await.unwrap());
     assert_eq!(first, t0);
     // The send's outcome is unknown: nothing kept.
-    ticket.settle(answer("504"), false).await.unwrap();
+    ticket.publish(answer("504"), false).await.unwrap();
     let resend = t0 + Duration::from_secs(3);
     let (ticket, first) = owner(store.claim(request(1, window, resend)).await.unwrap());
     assert_eq!(first, t0, "the resend keeps the first sighting");
-    ticket.settle(answer("504"), false).await.unwrap();
+    ticket.publish(answer("504"), false).await.unwrap();
     // Another replica (another store on the same Redis) sees the same sighting.
     let replica = store_on_same(&server).await;
     let (ticket, first) = owner(replica.claim(request(1, window, resend)).await.unwrap());
     assert_eq!(first, t0, "the sighting is shared");
-    ticket.settle(answer("504"), false).await.unwrap();
+    ticket.publish(answer("504"), false).await.unwrap();
     let after = t0 + window;
     let (_, first) = owner(store.claim(request(1, window, after)).await.unwrap());
     assert_eq!(first, after, "a window later it is a new send");
@@ -262,7 +262,7 @@ async fn a_waiter_on_another_replica_gets_the_answer_by_pubsub() {
         assert!(Instant::now() < deadline, "pub/sub never delivered");
         let (ticket, _) = owner(claim(&first, warm).await);
         let wait = waiting(claim(&second, warm).await);
-        ticket.settle(answer("warm"), false).await.unwrap();
+        ticket.publish(answer("warm"), false).await.unwrap();
         if tokio::time::timeout(SOON, wait)
             .await
             .expect("woken")
@@ -278,7 +278,7 @@ async fn a_waiter_on_another_replica_gets_the_answer_by_pubsub() {
     // Let the waiter take its first look and go to sleep on its poll.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let settled_at = Instant::now();
-    ticket.settle(answer("shared"), false).await.unwrap();
+    ticket.publish(answer("shared"), false).await.unwrap();
     let answer = tokio::time::timeout(SOON, waited).await.unwrap().unwrap();
     let latency = settled_at.elapsed();
     // Not kept, so no poll could have found it: it came by pub/sub.
@@ -300,7 +300,7 @@ async fn every_key_expires_so_redis_is_never_filled_beyond_the_window() {
     );
     let lease = pttl(&server, b'l', 1).await;
     assert!(lease > 0 && lease <= 60_000, "lease TTL {lease} ms");
-    ticket.settle(answer("kept"), true).await.unwrap();
+    ticket.publish(answer("kept"), true).await.unwrap();
     assert_eq!(
         pttl(&server, b'l', 1).await,
         -2,
@@ -381,7 +381,11 @@ async fn down_then_back_without_waiting_longer_than_the_timeout() {
         started.elapsed()
     );
     assert!(!store.stats().up);
-    assert!(store.describe().contains("DOWN"), "{}", store.describe());
+    assert!(
+        store.status_line().contains("DOWN"),
+        "{}",
+        store.status_line()
+    );
     let started = Instant::now();
     assert!(store
         .claim(request(2, DAY, SystemTime::now()))
@@ -400,7 +404,11 @@ async fn down_then_back_without_waiting_longer_than_the_timeout() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     owner(claim(&store, 3).await);
-    assert!(store.describe().ends_with(" up"), "{}", store.describe());
+    assert!(
+        store.status_line().ends_with(" up"),
+        "{}",
+        store.status_line()
+    );
 }
 
 /// A Redis that answers too slowly: the call gives up at the timeout.
@@ -447,7 +455,7 @@ async fn a_wrong_password_is_an_outage_that_never_shows_the_password() {
         .await
         .err()
         .expect("refused");
-    for text in [err.to_string(), format!("{err:?}"), store.describe()] {
+    for text in [err.to_string(), format!("{err:?}"), store.status_line()] {
         assert!(!text.contains("hunter2"), "{text}");
     }
     let mut right = options(&server, 0);
@@ -499,7 +507,7 @@ async fn a_stored_push_answer_costs_under_512_bytes_plus_its_body() {
                 HeaderValue::from_static("0cbd9e6f-2a8f-4e3e-8f1b-3c1f0c5f2a11"),
             ),
         ]);
-        ticket.settle(Arc::new(a), true).await.unwrap();
+        ticket.publish(Arc::new(a), true).await.unwrap();
     }
     let after = used_memory(server.command(&[b"INFO", b"memory"]).await);
     let body = body_bytes as u64 / u64::from(N);
@@ -563,7 +571,7 @@ async fn the_metrics_show_keys_used_memory_and_maxmemory() {
     let server = RedisServer::start_with(&["--save", "", "--maxmemory", "64mb"]).await;
     let store = store(&server, 0).await;
     let (ticket, _) = owner(claim(&store, 1).await);
-    ticket.settle(answer("kept"), true).await.unwrap();
+    ticket.publish(answer("kept"), true).await.unwrap();
     store.refresh().await;
     let stats = store.stats();
     assert_eq!(stats.entries, 1, "{stats:?}");

@@ -83,7 +83,7 @@ async fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Bytes> {
         (&Method::GET, "/readyz") => (
             StatusCode::OK,
             "text/plain",
-            Bytes::from(format!("ready\n{}\n", edge.pipeline.store.describe())),
+            Bytes::from(format!("ready\n{}\n", edge.pipeline.store.status_line())),
         ),
         (&Method::GET, "/metrics") => (
             StatusCode::OK,

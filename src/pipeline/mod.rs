@@ -425,7 +425,7 @@ impl Pipeline {
                 let sent = sender.send(&out).await;
                 let settled = settle::settle(endpoint, key, owner, sent);
                 if let Some(ticket) = ticket {
-                    if let Err(err) = ticket.settle(settled.answer.clone(), settled.keep).await {
+                    if let Err(err) = ticket.publish(settled.answer.clone(), settled.keep).await {
                         pipeline.metrics.store_error();
                         tracing::debug!(error = %err, "could not store the answer");
                     }

@@ -1,4 +1,5 @@
-//! The answer store: phase 5 (claim) and the keeping half of phase 7 (settle).
+//! The answer store: phase 5 (claim), and the answer's publishing at the end of phase 7
+//! (settle).
 //!
 //! One interface, chosen by `--store`; it knows the domain only. A claim on a
 //! fingerprint returns one of:
@@ -7,7 +8,7 @@
 //!   the future resolves to its answer (coalescing), or `None` if its owner gave up,
 //!   in which case the caller claims again;
 //! - [`Claim::Owner`]: this caller sends, and must hand the answer to the [`Ticket`].
-//!   A ticket dropped unsettled releases the claim, so waiters never wait on a dead owner.
+//!   A ticket dropped unpublished releases the claim, so waiters never wait on a dead owner.
 //!
 //! The owner also learns when the fingerprint was *first seen*: with a dedup window
 //! shorter than LINE's 24 h, the key mixes in that window, and a send must keep its key
@@ -86,7 +87,7 @@ pub enum Claim {
 pub trait Ticket: Send {
     /// Publishes `answer` to everyone waiting on this fingerprint and, when `keep` is
     /// set, keeps it for replay until the window has passed since the first sighting.
-    fn settle(
+    fn publish(
         self: Box<Self>,
         answer: Arc<Answer>,
         keep: bool,
@@ -139,5 +140,5 @@ pub trait Store: Send + Sync + 'static {
 
     /// One line for `/readyz`: which store, and whether it is serving. The proxy is
     /// ready either way: without its store it still sends, keyed.
-    fn describe(&self) -> String;
+    fn status_line(&self) -> String;
 }

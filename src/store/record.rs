@@ -39,18 +39,18 @@ const KNOWN: [HeaderName; 5] = [
 ];
 
 /// Milliseconds since the epoch, the unit of every time the scripts compare.
-pub fn millis(t: SystemTime) -> u64 {
+pub fn unix_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-pub fn from_millis(ms: u64) -> SystemTime {
+pub fn from_unix_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 pub fn encode(first_seen: SystemTime, answer: &Answer) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + answer.body.len());
-    out.extend_from_slice(millis(first_seen).to_string().as_bytes());
+    out.extend_from_slice(unix_millis(first_seen).to_string().as_bytes());
     out.push(b':');
     out.push(VERSION);
     out.extend_from_slice(&answer.status.as_u16().to_be_bytes());
@@ -208,7 +208,7 @@ pub fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
         upstream_status,
         owner,
     };
-    Some((from_millis(first_seen), answer))
+    Some((from_unix_millis(first_seen), answer))
 }
 
 /// A cursor whose every read is checked.
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn round_trips_with_its_first_sighting() {
-        let seen = from_millis(1_700_000_000_123);
+        let seen = from_unix_millis(1_700_000_000_123);
         let answer = push_answer();
         let record = encode(seen, &answer);
         assert!(
@@ -303,7 +303,7 @@ mod tests {
     fn a_version_1_record_reads_back_with_no_owner() {
         let mut answer = push_answer();
         answer.headers = answer.headers[..2].into();
-        let v2 = encode(from_millis(1_700_000_000_123), &answer);
+        let v2 = encode(from_unix_millis(1_700_000_000_123), &answer);
         let colon = v2.iter().position(|&b| b == b':').unwrap();
         // v1: the same bytes with version 1 and no owner field, which follows the
         // version byte and the 7 bytes of status, outcome, attempts and upstream status.

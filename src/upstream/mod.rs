@@ -90,10 +90,6 @@ impl Client {
             .build(https);
         Ok(Client { client, target })
     }
-
-    pub fn target(&self) -> &UpstreamTarget {
-        &self.target
-    }
 }
 
 impl Upstream for Client {

@@ -13,8 +13,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use super::ca::{CaError, CaPlan, CertificateAuthority, CERT_FILE, KEY_FILE};
+use super::ca::{CaError, CaPlan, CertificateAuthority};
 
+/// The CA's certificate, for bots to trust.
+pub(super) const CERT_FILE: &str = "ca.pem";
+/// The CA's key, readable by its owner only.
+pub(super) const KEY_FILE: &str = "ca.key";
 /// The certificate a renewal replaced, for bots to trust until they have the new one.
 pub const PREVIOUS_CERT_FILE: &str = "ca-previous.pem";
 
@@ -37,8 +41,8 @@ impl CertificateAuthority {
                 // Key first, and never over an existing one: of two processes creating
                 // the CA at once, the loser fails here instead of pairing its ca.pem
                 // with the other's ca.key (on filesystems with hard links).
-                place_new(&key_path, ca.key.serialize_pem().as_bytes(), 0o600)?;
-                place_new(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
+                place_new(&key_path, ca.key_pem().as_bytes(), 0o600)?;
+                place_new(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
                 Ok(ca)
             }
             (true, false) => Err(CaError::Incomplete(key_path, cert_path)),
@@ -73,7 +77,7 @@ impl CertificateAuthority {
         let key_pem = read_private(&key_path)?;
         let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
         let origin = |path: &Path| path.display().to_string();
-        Self::build_guarded(&cert_pem, &key_pem, &origin(&cert_path), &origin(&key_path))
+        Self::from_material(&cert_pem, &key_pem, &origin(&cert_path), &origin(&key_path))
     }
 
     /// Replaces the CA in `dir` with a new one made to `plan`. The old certificate is
@@ -101,8 +105,8 @@ impl CertificateAuthority {
         }
         // Key first: a crash in between leaves a pair that does not match, which the
         // next start reports, rather than a new certificate with the old key.
-        replace(&key_path, ca.key.serialize_pem().as_bytes(), 0o600)?;
-        replace(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
+        replace(&key_path, ca.key_pem().as_bytes(), 0o600)?;
+        replace(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
         Ok((ca, previous))
     }
 }

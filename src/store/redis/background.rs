@@ -68,7 +68,7 @@ impl Shared {
     }
 }
 
-/// The process's one pub/sub connection: hands every settled answer to the waiters
+/// The process's one pub/sub connection: hands every published answer to the waiters
 /// of its fingerprint. Reconnects by itself; after each (re)connect every waiter looks
 /// again, since what was published meanwhile is lost.
 pub(super) async fn listen(shared: Arc<Shared>, client: Client, stop: CancellationToken) {

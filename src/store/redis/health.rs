@@ -89,7 +89,7 @@ impl Health {
     }
 
     /// The `/readyz` line.
-    pub(super) fn describe(&self) -> String {
+    pub(super) fn status_line(&self) -> String {
         match self.outage().as_ref() {
             Some((since, why)) if !self.is_up() => format!(
                 "store: redis {} DOWN for {}s ({why}); sending under derived keys without it, LINE still refuses duplicates",
@@ -113,17 +113,21 @@ mod tests {
     fn changes_state_once_per_transition() {
         let h = Health::new("redis://127.0.0.1:6379/0".into());
         assert!(!h.is_up(), "not before the first probe");
-        assert!(h.describe().contains("connecting"), "{}", h.describe());
+        assert!(
+            h.status_line().contains("connecting"),
+            "{}",
+            h.status_line()
+        );
         h.up();
         assert!(h.is_up());
-        assert!(h.describe().ends_with(" up"));
+        assert!(h.status_line().ends_with(" up"));
         h.down("connection refused");
         h.down("timed out");
         assert!(!h.is_up());
         assert_eq!(h.reason(), "connection refused", "the first cause is kept");
-        assert!(h.describe().contains("DOWN"), "{}", h.describe());
+        assert!(h.status_line().contains("DOWN"), "{}", h.status_line());
         h.up();
         assert!(h.is_up());
-        assert!(h.describe().ends_with(" up"));
+        assert!(h.status_line().ends_with(" up"));
     }
 }

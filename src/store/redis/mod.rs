@@ -11,7 +11,7 @@
 //!
 //! A claim is one script, one round trip: a kept answer inside the window in force is
 //! replayed; else a lease held by another owner means wait; else the lease is taken
-//! (`SET NX PX`) and the first sighting read or recorded. A settle is one script too:
+//! (`SET NX PX`) and the first sighting read or recorded. Publishing is one script too:
 //! keep the answer, release the lease if still ours, and publish the answer on one
 //! channel for the whole process pool. Each process listens on one pub/sub connection
 //! and hands answers to its waiters; a waiter also looks every [`POLL`], so a lost
@@ -51,7 +51,7 @@ use waiters::{Waiter, Waiters};
 const POLL: Duration = Duration::from_millis(200);
 /// Connecting (TCP, TLS, AUTH) happens off the request path, with its own bound.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// The channel every settled answer is published on: the fingerprint, then the record.
+/// The channel every answer is published on: the fingerprint, then the record.
 const CHANNEL: &str = "lrp:settled";
 
 /// Where the store is and how long a send may wait on it.
@@ -108,7 +108,7 @@ struct Shared {
     health: Health,
     waiters: Arc<Waiters>,
     claim: Script,
-    settle: Script,
+    publish: Script,
     delete_if_held: Script,
     /// Claims held by sends of this process.
     claims: AtomicU64,
@@ -142,7 +142,7 @@ impl RedisStore {
             health: Health::new(location.clone()),
             waiters: Arc::default(),
             claim: Script::new(scripts::CLAIM),
-            settle: Script::new(scripts::SETTLE),
+            publish: Script::new(scripts::PUBLISH),
             delete_if_held: Script::new(scripts::DELETE_IF_HELD),
             claims: AtomicU64::new(0),
             entries: AtomicU64::new(0),
@@ -241,7 +241,7 @@ fn channel_key(name: &ChannelName) -> Vec<u8> {
     key
 }
 
-fn millis(d: Duration) -> u64 {
+fn duration_millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -289,9 +289,9 @@ impl Shared {
             .key(key(b'a', &req.fp))
             .key(key(b'l', &req.fp))
             .key(key(b's', &req.fp))
-            .arg(record::millis(req.now))
-            .arg(millis(req.window).max(1))
-            .arg(millis(req.lease).max(1))
+            .arg(record::unix_millis(req.now))
+            .arg(duration_millis(req.window).max(1))
+            .arg(duration_millis(req.lease).max(1))
             .arg(&token[..])
             .arg(if short { "1" } else { "0" });
         let (kind, value): (u8, Vec<u8>) = self.call(invocation.invoke_async(&mut conn)).await?;
@@ -311,7 +311,7 @@ impl Shared {
                 let first_seen = std::str::from_utf8(&value)
                     .ok()
                     .and_then(|ms| ms.parse().ok())
-                    .map_or(req.now, record::from_millis);
+                    .map_or(req.now, record::from_unix_millis);
                 Ok(Claim::Owner {
                     ticket: Box::new(RedisTicket::new(
                         self.clone(),
@@ -358,7 +358,7 @@ impl Shared {
                     return record::decode(kept).map(|(_, answer)| Arc::new(answer));
                 }
                 [None, Some(_)] => {}
-                // Settled unkept (its answer may be in the message just delivered) or
+                // Published unkept (its answer may be in the message just delivered) or
                 // let go.
                 _ => return waiter.delivered(),
             }
@@ -431,7 +431,10 @@ impl Store for RedisStore {
         Box::pin(async move {
             let mut conn = self.shared.conn.clone();
             let mut set = ::redis::cmd("SET");
-            set.arg(key).arg(value).arg("PX").arg(millis(ttl).max(1));
+            set.arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(duration_millis(ttl).max(1));
             self.shared.call(set.query_async::<()>(&mut conn)).await
         })
     }
@@ -458,7 +461,7 @@ impl Store for RedisStore {
         })
     }
 
-    fn describe(&self) -> String {
-        self.shared.health.describe()
+    fn status_line(&self) -> String {
+        self.shared.health.status_line()
     }
 }

@@ -35,7 +35,7 @@ return {3, first}
 /// Keep (when a lifetime is given), release the lease if still ours, tell every waiter.
 /// KEYS: answer, lease. ARGV: owner token, record, keep for (ms, 0: not kept),
 /// channel, fingerprint (the message is the fingerprint, then the record).
-pub(super) const SETTLE: &str = r"
+pub(super) const PUBLISH: &str = r"
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)

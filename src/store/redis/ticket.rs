@@ -1,11 +1,11 @@
-//! The owner's ticket: settles (keep, release, publish) in one script, or lets go of
-//! its lease when dropped unsettled.
+//! The owner's ticket: publishes its answer in one script (keep it, release the lease,
+//! announce it on the channel), or lets go of its lease when dropped unpublished.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{key, millis, record, Shared, CHANNEL};
+use super::{duration_millis, key, record, Shared, CHANNEL};
 use crate::body::BoxFuture;
 use crate::domain::{Answer, Fingerprint};
 use crate::store::{StoreError, Ticket};
@@ -18,7 +18,7 @@ pub(super) struct RedisTicket {
     first_seen: SystemTime,
     /// How long the answer is kept: the window left since the first sighting.
     keep_for: Duration,
-    settled: bool,
+    published: bool,
 }
 
 impl RedisTicket {
@@ -38,22 +38,26 @@ impl RedisTicket {
             token,
             first_seen,
             keep_for,
-            settled: false,
+            published: false,
         }
     }
 }
 
 impl Ticket for RedisTicket {
-    fn settle(
+    fn publish(
         mut self: Box<Self>,
         answer: Arc<Answer>,
         keep: bool,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
             let record = record::encode(self.first_seen, &answer);
-            let ttl = if keep { millis(self.keep_for) } else { 0 };
+            let ttl = if keep {
+                duration_millis(self.keep_for)
+            } else {
+                0
+            };
             let mut conn = self.shared.conn.clone();
-            let mut invocation = self.shared.settle.prepare_invoke();
+            let mut invocation = self.shared.publish.prepare_invoke();
             invocation
                 .key(key(b'a', &self.fp))
                 .key(key(b'l', &self.fp))
@@ -66,8 +70,8 @@ impl Ticket for RedisTicket {
                 .shared
                 .call(invocation.invoke_async::<i64>(&mut conn))
                 .await;
-            self.settled = true;
-            // Waiters here get it at once, whatever became of the publish.
+            self.published = true;
+            // Waiters here get it at once, whatever became of the script.
             self.shared.waiters.deliver(&self.fp, Some(answer));
             stored.map(drop)
         })
@@ -77,10 +81,10 @@ impl Ticket for RedisTicket {
 impl Drop for RedisTicket {
     fn drop(&mut self) {
         self.shared.claims.fetch_sub(1, Ordering::Relaxed);
-        if self.settled {
+        if self.published {
             return;
         }
-        // Unsettled: let go of the lease, so waiters anywhere claim at once instead
+        // Unpublished: let go of the lease, so waiters anywhere claim at once instead
         // of waiting for it to lapse.
         self.shared.waiters.deliver(&self.fp, None);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

@@ -1,5 +1,5 @@
 //! The requests of this process waiting on a send in flight, by fingerprint. The one
-//! pub/sub connection of the process hands each settled answer to the waiters of its
+//! pub/sub connection of the process hands each published answer to the waiters of its
 //! fingerprint, whichever replica sent it; an owner in this process hands its answer
 //! over directly too.
 
@@ -39,7 +39,7 @@ impl Waiters {
     }
 
     /// Delivers what `answer` makes, made only if someone here waits on `fp`: every
-    /// replica hears every settle, and most are of no concern to it.
+    /// replica hears every publish, and most are of no concern to it.
     pub(super) fn deliver_with(
         &self,
         fp: &Fingerprint,
