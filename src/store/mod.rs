@@ -21,7 +21,7 @@
 //! shared store logs its own changes of state (one line each), so the caller need not.
 
 pub mod memory;
-pub mod record;
+pub(crate) mod record;
 pub mod redis;
 
 use std::sync::Arc;
@@ -61,14 +61,14 @@ pub struct ClaimRequest {
 
 impl ClaimRequest {
     /// Whether something first seen at `first_seen` is still inside the window.
-    pub fn within_window(&self, first_seen: SystemTime) -> bool {
+    pub(crate) fn within_window(&self, first_seen: SystemTime) -> bool {
         // A clock that went backwards makes the age zero: still inside.
         let age = self.now.duration_since(first_seen).unwrap_or_default();
         age < self.window
     }
 
     /// How much of the window is left for something first seen at `first_seen`.
-    pub fn window_left(&self, first_seen: SystemTime) -> Duration {
+    pub(crate) fn window_left(&self, first_seen: SystemTime) -> Duration {
         self.window
             .saturating_sub(self.now.duration_since(first_seen).unwrap_or_default())
     }

@@ -39,16 +39,16 @@ const KNOWN: [HeaderName; 5] = [
 ];
 
 /// Milliseconds since the epoch, the unit of every time the scripts compare.
-pub fn unix_millis(t: SystemTime) -> u64 {
+pub(crate) fn unix_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-pub fn from_unix_millis(ms: u64) -> SystemTime {
+pub(crate) fn from_unix_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-pub fn encode(first_seen: SystemTime, answer: &Answer) -> Vec<u8> {
+pub(crate) fn encode(first_seen: SystemTime, answer: &Answer) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + answer.body.len());
     out.extend_from_slice(unix_millis(first_seen).to_string().as_bytes());
     out.push(b':');
@@ -155,7 +155,7 @@ fn put_u16_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 
 /// The record's first sighting and its answer, or `None` if the bytes are not a
 /// record this version wrote.
-pub fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
+pub(crate) fn decode(record: &[u8]) -> Option<(SystemTime, Answer)> {
     let colon = record.iter().position(|&b| b == b':')?;
     let first_seen = std::str::from_utf8(&record[..colon]).ok()?.parse().ok()?;
     let mut r = Reader(&record[colon + 1..]);

@@ -35,7 +35,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// so it names the target and a status or an error kind only: never the egress
 /// proxy's address or credentials (the log line of a refusal names the proxy, masked).
 #[derive(Debug, thiserror::Error)]
-pub enum EgressError {
+pub(crate) enum EgressError {
     #[error("connect timed out")]
     Timeout,
     /// Straight to the target: the error kind, as the tunnel's 502 reports it.
@@ -60,13 +60,13 @@ impl std::fmt::Debug for Credentials {
 
 /// How outbound connections are opened: the route, and the egress proxy's credentials.
 #[derive(Debug)]
-pub struct Egress {
+pub(crate) struct Egress {
     route: UpstreamProxy,
     credentials: Option<Credentials>,
 }
 
 impl Egress {
-    pub fn new(route: UpstreamProxy) -> Egress {
+    pub(crate) fn new(route: UpstreamProxy) -> Egress {
         let credentials = match &route {
             UpstreamProxy::Fixed(proxy)
             | UpstreamProxy::Env {
@@ -77,19 +77,14 @@ impl Egress {
         Egress { route, credentials }
     }
 
-    /// Straight to every target.
-    pub fn direct() -> Egress {
-        Egress::new(UpstreamProxy::Direct)
-    }
-
     /// The egress proxy a connection to `host:port` goes through, if any.
-    pub fn route(&self, host: &str, port: u16) -> Option<&EgressProxy> {
+    pub(crate) fn route(&self, host: &str, port: u16) -> Option<&EgressProxy> {
         self.route.route(host, port)
     }
 
     /// A TCP stream to `host:port` (an IPv6 host without brackets), through the
     /// egress proxy when one applies, within `limit` (connect and CONNECT together).
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         host: &str,
         port: u16,
@@ -209,14 +204,14 @@ fn status_of(head: &[u8]) -> Option<StatusCode> {
 /// resolver), a `CONNECT` tunnel through the egress proxy otherwise. rustls runs on
 /// top of either (hyper-rustls wraps this), so TLS is end to end with the upstream.
 #[derive(Clone)]
-pub struct EgressConnector {
+pub(crate) struct EgressConnector {
     direct: HttpConnector,
     egress: Arc<Egress>,
     connect_timeout: Duration,
 }
 
 impl EgressConnector {
-    pub fn new(egress: Arc<Egress>, connect_timeout: Duration) -> EgressConnector {
+    pub(crate) fn new(egress: Arc<Egress>, connect_timeout: Duration) -> EgressConnector {
         let mut direct = HttpConnector::new();
         direct.enforce_http(false);
         direct.set_nodelay(true);

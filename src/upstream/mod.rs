@@ -8,7 +8,7 @@
 //! The request path sees it through the [`Upstream`] trait, so a phase can be driven
 //! against a stand-in without sockets.
 
-pub mod egress;
+pub(crate) mod egress;
 
 use std::io::BufReader;
 use std::path::Path;
@@ -51,13 +51,13 @@ pub enum UpstreamError {
 
 /// The real client: pooled connections to `--upstream` (and, for allowlisted
 /// absolute-form requests, to other hosts), each opened through `egress`.
-pub struct Client {
+pub(crate) struct Client {
     client: HyperClient<HttpsConnector<EgressConnector>, ProxyBody>,
     target: UpstreamTarget,
 }
 
 impl Client {
-    pub fn new(
+    pub(crate) fn new(
         target: UpstreamTarget,
         extra_ca: Option<&Path>,
         egress: Arc<Egress>,
@@ -135,7 +135,7 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-pub fn build_uri(
+pub(crate) fn build_uri(
     scheme: Scheme,
     authority: http::uri::Authority,
     path_and_query: Option<&PathAndQuery>,

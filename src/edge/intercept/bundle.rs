@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Where distributions keep the system roots as one PEM file: Debian, Ubuntu and
 /// distroless; Fedora and RHEL; openSUSE; Alpine.
-pub const SYSTEM_ROOTS: [&str; 4] = [
+pub(crate) const SYSTEM_ROOTS: [&str; 4] = [
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/ca-bundle.pem",

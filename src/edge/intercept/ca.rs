@@ -18,16 +18,15 @@ use rcgen::{
     PKCS_ECDSA_P256_SHA256,
 };
 use rustls::crypto::ring;
-use rustls::pki_types::CertificateDer;
 
 use super::constraints::Permitted;
-pub use super::error::CaError;
-pub use super::issue::IssuedLeaf;
+pub(crate) use super::error::CaError;
+pub(crate) use super::issue::IssuedLeaf;
 use super::issue::{serial, Signer, Validity};
 use super::material;
 
 /// The default lifetime of a CA made here: a year (as `1year` spells it, 365.25 days).
-pub const DEFAULT_CA_LIFETIME: Duration = Duration::from_secs(31_557_600);
+pub(crate) const DEFAULT_CA_LIFETIME: Duration = Duration::from_secs(31_557_600);
 
 /// What a CA created here is made for.
 #[derive(Debug, Clone)]
@@ -73,7 +72,7 @@ impl CertificateAuthority {
     }
 
     /// A new CA held in memory only, constrained to `plan.hosts`.
-    pub fn generate(plan: &CaPlan) -> Result<Self, CaError> {
+    pub(crate) fn generate(plan: &CaPlan) -> Result<Self, CaError> {
         let random = ring::default_provider().secure_random;
         let permitted = Permitted::only(&plan.hosts)?;
         let validity = Validity::starting(SystemTime::now(), plan.lifetime)?;
@@ -119,12 +118,12 @@ impl CertificateAuthority {
     }
 
     /// Whether the CA carries a name constraint at all.
-    pub fn is_constrained(&self) -> bool {
+    pub(crate) fn is_constrained(&self) -> bool {
         self.permitted.is_constrained()
     }
 
     /// The end of the CA's validity: renew before it.
-    pub fn not_after(&self) -> SystemTime {
+    pub(crate) fn not_after(&self) -> SystemTime {
         self.not_after
     }
 
@@ -132,7 +131,8 @@ impl CertificateAuthority {
         &self.cert_pem
     }
 
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
+    #[cfg(test)]
+    pub(crate) fn cert_der(&self) -> &rustls::pki_types::CertificateDer<'static> {
         self.signer.cert_der()
     }
 
@@ -141,7 +141,8 @@ impl CertificateAuthority {
         self.signer.key_pem()
     }
 
-    pub fn issue_leaf(&self, host: &str, lifetime: Duration) -> Result<IssuedLeaf, CaError> {
+    #[cfg(test)]
+    pub(crate) fn issue_leaf(&self, host: &str, lifetime: Duration) -> Result<IssuedLeaf, CaError> {
         self.issue_leaf_at(host, lifetime, SystemTime::now())
     }
 

@@ -54,7 +54,7 @@ impl CertificateAuthority {
     /// in `dir`, loaded and checked, if there is one; else whether it could be made
     /// there (the directory, or its nearest existing parent, is one this user can
     /// write to).
-    pub fn check(dir: &Path) -> Result<Option<Self>, CaError> {
+    pub(crate) fn check(dir: &Path) -> Result<Option<Self>, CaError> {
         let cert_path = dir.join(CERT_FILE);
         let key_path = dir.join(KEY_FILE);
         let shared_dir = check_dir(dir)?;

@@ -21,11 +21,11 @@ const LAST_X509_SECOND: u64 = 253_402_300_799;
 /// RFC 5280's upper bound for a common name; longer names go in the SAN only.
 const MAX_CN_LEN: usize = 64;
 
-pub struct IssuedLeaf {
+pub(crate) struct IssuedLeaf {
     /// Leaf first, then the CA.
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
-    pub not_after: SystemTime,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
+    pub(crate) not_after: SystemTime,
 }
 
 /// When a certificate made now is valid: from [`CLOCK_SKEW`] before `now` to its

@@ -28,7 +28,7 @@ pub struct LeafCache {
 }
 
 impl LeafCache {
-    pub fn new(ca: Arc<CertificateAuthority>, lifetime: Duration, max_hosts: u64) -> Self {
+    pub(crate) fn new(ca: Arc<CertificateAuthority>, lifetime: Duration, max_hosts: u64) -> Self {
         LeafCache {
             ca,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
@@ -42,7 +42,7 @@ impl LeafCache {
     }
 
     /// The config for `host`: a DNS name or an IP literal, without port.
-    pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
+    pub(crate) fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
         self.server_config_at(host, SystemTime::now())
     }
 
@@ -91,14 +91,10 @@ impl LeafCache {
     }
 
     /// Hosts with a cached config (possibly one due for renewal).
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         // entry_count lags inserts until moka's housekeeping has run.
         self.leaves.run_pending_tasks();
         self.leaves.entry_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -217,12 +213,12 @@ mod tests {
     #[test]
     fn bad_hosts_are_errors_and_not_cached() {
         let leaves = cache(16);
-        assert!(leaves.is_empty());
+        assert_eq!(leaves.len(), 0);
         for host in ["api.line.me:443", "", "."] {
             let err = leaves.server_config(host).map(drop).unwrap_err();
             assert!(matches!(err, CaError::InvalidHost(_)), "{host}: {err}");
         }
-        assert!(leaves.is_empty());
+        assert_eq!(leaves.len(), 0);
     }
 
     #[test]

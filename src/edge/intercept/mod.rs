@@ -10,5 +10,5 @@ pub mod ca_dir;
 mod constraints;
 mod error;
 mod issue;
-pub mod leaf;
+pub(crate) mod leaf;
 mod material;

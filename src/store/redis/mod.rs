@@ -163,7 +163,7 @@ impl RedisStore {
 
 /// What [`RedisStore::new`] would refuse, without connecting: the address, the
 /// credentials' form, and the CA file.
-pub fn check(options: &RedisOptions) -> Result<(), StoreError> {
+pub(crate) fn check(options: &RedisOptions) -> Result<(), StoreError> {
     client(options).map(drop)
 }
 
