@@ -668,7 +668,7 @@ async fn settle(p: &Pipeline) {
 /// The promise, checked against everything LINE saw and every bot was told.
 /// A *logical send* of a message begins with the bot's first send of it and takes in
 /// every resend within the dedup window after that, whatever token each uses; the
-/// first send a full window later begins the next one (DESIGN.md, phase 4).
+/// first send a full window later begins the next one (docs/design.md, the request path, phase 5: key).
 fn check(
     line: &ModelLine,
     told: &[Told],
