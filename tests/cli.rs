@@ -46,6 +46,13 @@ fn bad_values_are_one_line_and_exit_64() {
         &["check-config", "--listen", "localhost"],
         &["check-config", "--dedup-window", "25h"],
         &["check-config", "--store", "memcached"],
+        &[
+            "check-config",
+            "--listen",
+            "127.0.0.1:18080",
+            "--admin-listen",
+            "127.0.0.1:18080",
+        ],
         &["--no-such-flag"],
     ] {
         let (code, _, stderr) = run(args, &[]);

@@ -205,6 +205,15 @@ impl Policy {
     }
 }
 
+/// Whether two listeners would need the same port: one address, or one port where
+/// either takes every address. Port 0 asks the system for a free port each time, so
+/// two of those never meet.
+fn one_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// The keyed endpoints' names as an error lists them: `push, multicast, narrowcast or broadcast`.
 fn endpoint_names() -> String {
     let names = Endpoint::ALL.map(Endpoint::name);
@@ -330,6 +339,11 @@ impl Config {
             pick(&args.admin_listen, file.admin_listen),
             "127.0.0.1:9090",
         )?;
+        if one_port(listen, admin_listen) {
+            return Err(ConfigError::new(format!(
+                "option `admin-listen` ({admin_listen}) must differ from `listen`: one port cannot serve both"
+            )));
+        }
         let upstream = upstream(pick(&args.upstream, file.upstream))?;
         let upstream_proxy = egress::upstream_proxy(
             pick(&args.upstream_proxy, file.upstream_proxy),
@@ -783,6 +797,25 @@ mod tests {
             c.policy.destination("example.com", 443),
             Destination::Refuse
         );
+    }
+
+    /// check-config passed a listener and an admin listener on one address, and serve
+    /// then failed to bind the second.
+    #[test]
+    fn the_admin_listener_must_not_share_the_proxy_port() {
+        let err = file("listen = \"127.0.0.1:8080\"\nadmin-listen = \"127.0.0.1:8080\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`admin-listen`") && err.contains("`listen`"),
+            "{err}"
+        );
+        assert!(
+            file("listen = \"0.0.0.0:8080\"\nadmin-listen = \"127.0.0.1:8080\"").is_err(),
+            "every address includes the admin's"
+        );
+        assert!(file("listen = \"127.0.0.1:0\"\nadmin-listen = \"127.0.0.1:0\"").is_ok());
+        assert!(file("listen = \"127.0.0.1:8080\"\nadmin-listen = \"127.0.0.1:8081\"").is_ok());
     }
 
     #[test]
