@@ -219,7 +219,13 @@ async fn redis_stopped_mid_run_sends_go_on_and_it_is_used_again_when_back() {
     );
 
     redis.restart().await;
-    proxy.wait_for_log("answer store available again").await;
+    let back = proxy.wait_for_log("answer store available again").await;
+    // How long it was down, as durations are written (`501ms`), not Rust's debug text.
+    let down_for = back["down_for"].as_str().unwrap_or_default();
+    assert!(
+        humantime::parse_duration(down_for).is_ok(),
+        "down_for reads as a duration: {back}"
+    );
     let after = push_body("after the outage");
     assert_eq!(proxy.push(&after).await.outcome(), "fresh");
     assert_eq!(

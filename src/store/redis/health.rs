@@ -71,9 +71,17 @@ impl Health {
             if first {
                 tracing::info!(store = %self.location, "answer store connected");
             } else {
+                // `501ms`, as durations are written in the config, not Rust's debug text.
+                let down_for = since.map_or_else(
+                    || "unknown".to_owned(),
+                    |d| {
+                        humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+                            .to_string()
+                    },
+                );
                 tracing::info!(
                     store = %self.location,
-                    down_for = ?since.map(|d| Duration::from_millis(d.as_millis() as u64)),
+                    down_for = %down_for,
                     "answer store available again"
                 );
             }
